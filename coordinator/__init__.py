@@ -1,0 +1,1 @@
+"""shapeshifter coordinator: topology, state, policies, admin API."""

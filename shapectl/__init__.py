@@ -1,0 +1,1 @@
+"""shapectl: the operator CLI for shapeshifter."""
