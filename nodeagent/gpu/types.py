@@ -96,8 +96,8 @@ class GpuTelemetry:
     memory_temperature_c: float | None
     sm_clock_mhz: int
     memory_clock_mhz: int
-    utilization_gpu_pct: float
-    utilization_memory_pct: float
+    utilization_gpu_pct: float  # -1 where the device does not report it (NVML in MIG mode)
+    utilization_memory_pct: float  # -1 likewise
     memory_used_mib: int
     memory_total_mib: int
     throttle_reasons: tuple[str, ...]
