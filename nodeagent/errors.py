@@ -78,7 +78,9 @@ def grpc_code(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def out_of_range(field: str, value: float, low: float, high: float, unit: str = "") -> InvalidArgument:
+def out_of_range(
+    field: str, value: float, low: float, high: float, unit: str = ""
+) -> InvalidArgument:
     """The standard message for a number outside its allowed range."""
     u = f" {unit}" if unit else ""
     return InvalidArgument(

@@ -34,6 +34,9 @@ from nodeagent.gpu.types import (
 AVERAGE_WINDOW_S = 1.0  # NVML's averaged power is a ~1 s mean
 MAX_STEP_S = 1.0  # integration step; exact lag per step, so only throttling feedback needs it small
 MAX_STEPS = 2000  # bound the work of one very long advance
+# Reads closer together than this see the same state (NVML refreshes readings every ~10-20 ms);
+# without it every read integrates all GPUs again and an 8-GPU sample costs O(GPUs^2) steps.
+MIN_ADVANCE_S = 0.005
 MEMORY_TEMP_DELTA_C = 5.0  # HBM runs a few degrees above the GPU die
 TEMP_OFFSET_SPREAD_C = 10.0  # TAPAS: GPUs in one server differ by up to 10 C at the same load
 INLET_RANGE_C = (0.0, 60.0)
@@ -299,7 +302,7 @@ class SimulatedBackend:
         """Integrate every GPU from the last call to now (energy, temperature, power history)."""
         now_s = self._clock.monotonic()
         elapsed_s = now_s - self._last_s
-        if elapsed_s <= 0:
+        if elapsed_s < MIN_ADVANCE_S:
             return
         n_steps = min(MAX_STEPS, math.ceil(elapsed_s / MAX_STEP_S))
         dt_s = elapsed_s / n_steps

@@ -77,7 +77,7 @@ class Budget(_message.Message):
     def __init__(self, memory_used_mib: _Optional[float] = ..., memory_total_mib: _Optional[float] = ..., kv_cache_usage_frac: _Optional[float] = ..., requests_in_flight: _Optional[float] = ..., requests_capacity: _Optional[float] = ..., utilization_pct: _Optional[float] = ..., power_draw_w: _Optional[float] = ..., power_limit_w: _Optional[float] = ..., temperature_c: _Optional[float] = ..., slowdown_temp_c: _Optional[float] = ..., memory_headroom_mib: _Optional[float] = ..., compute_headroom_requests: _Optional[float] = ..., power_headroom_w: _Optional[float] = ..., thermal_headroom_c: _Optional[float] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "name", "serial", "gpu_type", "power_draw_w", "power_draw_avg_w", "power_limit_w", "power_limit_min_w", "power_limit_max_w", "power_limit_default_w", "energy_j", "temperature_c", "memory_temperature_c", "slowdown_temp_c", "shutdown_temp_c", "sm_clock_mhz", "memory_clock_mhz", "sm_clock_max_mhz", "clock_lock", "supported_sm_clocks_mhz", "utilization_gpu_pct", "utilization_memory_pct", "memory_used_mib", "memory_total_mib", "throttle_reasons", "mig_enabled", "mig_pending_enabled", "mig_instances", "ecc_uncorrected_volatile", "last_xid", "healthy", "process_pids", "budget")
+    __slots__ = ("index", "uuid", "name", "serial", "gpu_type", "power_draw_w", "power_draw_avg_w", "power_limit_w", "power_limit_min_w", "power_limit_max_w", "power_limit_default_w", "energy_j", "power_limit_requested_w", "power_ceiling_w", "power_ceiling_source", "temperature_c", "memory_temperature_c", "slowdown_temp_c", "shutdown_temp_c", "sm_clock_mhz", "memory_clock_mhz", "sm_clock_max_mhz", "clock_lock", "supported_sm_clocks_mhz", "utilization_gpu_pct", "utilization_memory_pct", "memory_used_mib", "memory_total_mib", "throttle_reasons", "mig_enabled", "mig_pending_enabled", "mig_instances", "ecc_uncorrected_volatile", "last_xid", "healthy", "process_pids", "budget")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,9 @@ class Gpu(_message.Message):
     POWER_LIMIT_MAX_W_FIELD_NUMBER: _ClassVar[int]
     POWER_LIMIT_DEFAULT_W_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    POWER_LIMIT_REQUESTED_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_CEILING_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_CEILING_SOURCE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_TEMP_C_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +127,9 @@ class Gpu(_message.Message):
     power_limit_max_w: float
     power_limit_default_w: float
     energy_j: float
+    power_limit_requested_w: float
+    power_ceiling_w: float
+    power_ceiling_source: str
     temperature_c: float
     memory_temperature_c: float
     slowdown_temp_c: float
@@ -146,7 +152,7 @@ class Gpu(_message.Message):
     healthy: bool
     process_pids: _containers.RepeatedScalarFieldContainer[int]
     budget: Budget
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., serial: _Optional[str] = ..., gpu_type: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., power_draw_avg_w: _Optional[float] = ..., power_limit_w: _Optional[float] = ..., power_limit_min_w: _Optional[float] = ..., power_limit_max_w: _Optional[float] = ..., power_limit_default_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., temperature_c: _Optional[float] = ..., memory_temperature_c: _Optional[float] = ..., slowdown_temp_c: _Optional[float] = ..., shutdown_temp_c: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., sm_clock_max_mhz: _Optional[int] = ..., clock_lock: _Optional[_Union[ClockLock, _Mapping]] = ..., supported_sm_clocks_mhz: _Optional[_Iterable[int]] = ..., utilization_gpu_pct: _Optional[float] = ..., utilization_memory_pct: _Optional[float] = ..., memory_used_mib: _Optional[int] = ..., memory_total_mib: _Optional[int] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., mig_enabled: _Optional[bool] = ..., mig_pending_enabled: _Optional[bool] = ..., mig_instances: _Optional[_Iterable[_Union[MigInstance, _Mapping]]] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., last_xid: _Optional[int] = ..., healthy: _Optional[bool] = ..., process_pids: _Optional[_Iterable[int]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., serial: _Optional[str] = ..., gpu_type: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., power_draw_avg_w: _Optional[float] = ..., power_limit_w: _Optional[float] = ..., power_limit_min_w: _Optional[float] = ..., power_limit_max_w: _Optional[float] = ..., power_limit_default_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_limit_requested_w: _Optional[float] = ..., power_ceiling_w: _Optional[float] = ..., power_ceiling_source: _Optional[str] = ..., temperature_c: _Optional[float] = ..., memory_temperature_c: _Optional[float] = ..., slowdown_temp_c: _Optional[float] = ..., shutdown_temp_c: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., sm_clock_max_mhz: _Optional[int] = ..., clock_lock: _Optional[_Union[ClockLock, _Mapping]] = ..., supported_sm_clocks_mhz: _Optional[_Iterable[int]] = ..., utilization_gpu_pct: _Optional[float] = ..., utilization_memory_pct: _Optional[float] = ..., memory_used_mib: _Optional[int] = ..., memory_total_mib: _Optional[int] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., mig_enabled: _Optional[bool] = ..., mig_pending_enabled: _Optional[bool] = ..., mig_instances: _Optional[_Iterable[_Union[MigInstance, _Mapping]]] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., last_xid: _Optional[int] = ..., healthy: _Optional[bool] = ..., process_pids: _Optional[_Iterable[int]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class HostStats(_message.Message):
     __slots__ = ("cpu_pct", "memory_used_mib", "memory_total_mib")

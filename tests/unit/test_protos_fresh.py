@@ -11,7 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # protoc stamps its own version into the header; a different grpcio-tools patch release must not
 # make the check fail when the descriptors themselves are identical.
-_VERSION_LINES = re.compile(r"^(# Protobuf Python Version:.*|\s*\d+,\s*$|.*_runtime_version\..*)$", re.M)
+_VERSION_LINES = re.compile(
+    r"^(# Protobuf Python Version:.*|\s*\d+,\s*$|.*_runtime_version\..*)$", re.M
+)
 
 
 def _normalise(text: str) -> str:
