@@ -226,6 +226,14 @@ class NodeApplyMigLayoutRequest(_message.Message):
     request: _agent_pb2.ApplyMigLayoutRequest
     def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_agent_pb2.ApplyMigLayoutRequest, _Mapping]] = ...) -> None: ...
 
+class NodeSetMigModeRequest(_message.Message):
+    __slots__ = ("node_id", "request")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    request: _agent_pb2.SetMigModeRequest
+    def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_agent_pb2.SetMigModeRequest, _Mapping]] = ...) -> None: ...
+
 class ListAuditRequest(_message.Message):
     __slots__ = ("limit", "node_id")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -263,3 +271,27 @@ class ListAuditResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class GetIngestStatsRequest(_message.Message):
+    __slots__ = ("reset_window",)
+    RESET_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    reset_window: bool
+    def __init__(self, reset_window: _Optional[bool] = ...) -> None: ...
+
+class IngestStats(_message.Message):
+    __slots__ = ("reports_total", "window_reports", "delay_p50_ms", "delay_p99_ms", "delay_max_ms", "connected_agents", "epoch")
+    REPORTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    reports_total: int
+    window_reports: int
+    delay_p50_ms: float
+    delay_p99_ms: float
+    delay_max_ms: float
+    connected_agents: int
+    epoch: int
+    def __init__(self, reports_total: _Optional[int] = ..., window_reports: _Optional[int] = ..., delay_p50_ms: _Optional[float] = ..., delay_p99_ms: _Optional[float] = ..., delay_max_ms: _Optional[float] = ..., connected_agents: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...

@@ -152,10 +152,20 @@ class CoordinatorStub:
                 request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeApplyMigLayoutRequest.SerializeToString,
                 response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
                 _registered_method=True)
+        self.SetMigMode = channel.unary_unary(
+                '/shapeshifter.coordinator.v1.Coordinator/SetMigMode',
+                request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeSetMigModeRequest.SerializeToString,
+                response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/shapeshifter.coordinator.v1.Coordinator/ListAudit',
                 request_serializer=coordinator_dot_v1_dot_coordinator__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=coordinator_dot_v1_dot_coordinator__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.GetIngestStats = channel.unary_unary(
+                '/shapeshifter.coordinator.v1.Coordinator/GetIngestStats',
+                request_serializer=coordinator_dot_v1_dot_coordinator__pb2.GetIngestStatsRequest.SerializeToString,
+                response_deserializer=coordinator_dot_v1_dot_coordinator__pb2.IngestStats.FromString,
                 _registered_method=True)
 
 
@@ -207,8 +217,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMigMode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIngestStats(self, request, context):
+        """Report ingest figures: how many reports arrived and the delay from an agent's send time to
+        the report being visible in the rollups (over a recent window). Used by the fan-in bench.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -251,10 +275,20 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeApplyMigLayoutRequest.FromString,
                     response_serializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.SerializeToString,
             ),
+            'SetMigMode': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMigMode,
+                    request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeSetMigModeRequest.FromString,
+                    response_serializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.SerializeToString,
+            ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
                     request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.ListAuditRequest.FromString,
                     response_serializer=coordinator_dot_v1_dot_coordinator__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'GetIngestStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIngestStats,
+                    request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.GetIngestStatsRequest.FromString,
+                    response_serializer=coordinator_dot_v1_dot_coordinator__pb2.IngestStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -459,6 +493,33 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def SetMigMode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeshifter.coordinator.v1.Coordinator/SetMigMode',
+            coordinator_dot_v1_dot_coordinator__pb2.NodeSetMigModeRequest.SerializeToString,
+            nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListAudit(request,
             target,
             options=(),
@@ -475,6 +536,33 @@ class Coordinator:
             '/shapeshifter.coordinator.v1.Coordinator/ListAudit',
             coordinator_dot_v1_dot_coordinator__pb2.ListAuditRequest.SerializeToString,
             coordinator_dot_v1_dot_coordinator__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIngestStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeshifter.coordinator.v1.Coordinator/GetIngestStats',
+            coordinator_dot_v1_dot_coordinator__pb2.GetIngestStatsRequest.SerializeToString,
+            coordinator_dot_v1_dot_coordinator__pb2.IngestStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,115 @@
+"""Coordinator admin servicer: proto <-> domain translation and DomainError -> status code only."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from coordinator.core import CoordinatorCore
+from coordinator.link_server import AgentLinkServicer
+from coordinator.state import NodeSummary, Rollup, summarize
+from coordinator.v1 import coordinator_pb2 as pb
+from coordinator.v1 import coordinator_pb2_grpc
+from nodeagent import errors
+from nodeagent.v1 import agent_pb2
+
+ACTOR_METADATA_KEY = "x-shapeshifter-actor"
+T = TypeVar("T")
+
+
+# vars(), not dataclasses.asdict(): the types are flat, and asdict's deep copy is slow.
+def rollup_pb(r: Rollup) -> pb.Rollup:
+    return pb.Rollup(**vars(r))
+
+
+def summary_pb(s: NodeSummary) -> pb.NodeSummary:
+    return pb.NodeSummary(**vars(s))
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, core: CoordinatorCore, link: AgentLinkServicer) -> None:
+        self._core = core
+        self._link = link
+
+    async def ListNodes(self, request: pb.ListNodesRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ListNodesResponse:
+        c = self._core.cluster()
+        return pb.ListNodesResponse(nodes=[summary_pb(s) for s in c.nodes])
+
+    async def GetNode(self, request: pb.GetNodeRequest,
+                      context: grpc.aio.ServicerContext) -> pb.NodeStatus:
+        async def get() -> pb.NodeStatus:
+            rec = self._core.registry.get(request.node_id)
+            view = self._core.registry.view(rec)
+            return pb.NodeStatus(summary=summary_pb(summarize(view, self._core.topology.liveness)),
+                                 last_report=rec.report, lease=rec.lease)
+
+        return await _translate(context, get)
+
+    async def GetCluster(self, request: pb.GetClusterRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ClusterStatus:
+        # On the loop, not in a thread: a rollup thread holding the GIL slows ingest far more
+        # (measured with bench/coordinator_fanin.py) than the few ms per 1000 nodes it takes.
+        c = self._core.cluster()
+        return pb.ClusterStatus(
+            rows=[rollup_pb(r) for r in c.rows], aisles=[rollup_pb(r) for r in c.aisles],
+            racks=[rollup_pb(r) for r in c.racks], sites=[rollup_pb(r) for r in c.sites],
+            nodes=[summary_pb(s) for s in c.nodes], epoch=self._core.epoch,
+            generated_at_unix_s=self._core.clock.time(),
+        )
+
+    async def SetPowerLimit(self, request: pb.NodeSetPowerLimitRequest,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(set_power_limit=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def LockClocks(self, request: pb.NodeLockClocksRequest,
+                         context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(lock_clocks=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def ResetClocks(self, request: pb.NodeResetClocksRequest,
+                          context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(reset_clocks=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def ApplyMigLayout(self, request: pb.NodeApplyMigLayoutRequest,
+                             context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(apply_mig_layout=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def SetMigMode(self, request: pb.NodeSetMigModeRequest,
+                         context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(set_mig_mode=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def ListAudit(self, request: pb.ListAuditRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ListAuditResponse:
+        entries = self._core.audit(request.limit, request.node_id)
+        return pb.ListAuditResponse(entries=[pb.AuditEntry(**vars(e)) for e in entries])
+
+    async def GetIngestStats(self, request: pb.GetIngestStatsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.IngestStats:
+        s = self._core.ingest_stats.snapshot(reset=request.reset_window)
+        return pb.IngestStats(
+            reports_total=s.reports_total, window_reports=s.window_reports,
+            delay_p50_ms=s.delay_p50_s * 1e3, delay_p99_ms=s.delay_p99_s * 1e3,
+            delay_max_ms=s.delay_max_s * 1e3, connected_agents=self._link.connected,
+            epoch=self._core.epoch,
+        )
+
+    async def _pass_through(self, node_id: str, action: agent_pb2.Action,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        metadata = dict(context.invocation_metadata() or ())
+        actor = str(metadata.get(ACTOR_METADATA_KEY) or context.peer())
+        return await _translate(context, lambda: self._core.pass_through(node_id, action, actor))
+
+
+async def _translate(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except errors.DomainError as err:
+        await context.abort(errors.grpc_code(err), str(err))
+        raise  # unreachable: abort raises

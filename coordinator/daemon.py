@@ -1,0 +1,181 @@
+"""`coordinator --listen ADDR --topology FILE --db FILE`: the coordinator in the foreground.
+
+Start: load and validate the topology (a malformed file stops here, naming the field and line),
+open SQLite, bump the epoch, serve AgentLink + Coordinator (+ reflection, health) and Prometheus.
+SIGTERM/SIGINT: stop accepting, end the streams, flush the batched node state, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from coordinator import metrics
+from coordinator.admin_server import CoordinatorServicer
+from coordinator.core import CoordinatorCore
+from coordinator.leases import LeasePolicy
+from coordinator.link_server import AgentLinkServicer
+from coordinator.store import Store
+from coordinator.topology import Topology, load_topology
+from coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from nodeagent.clock import Clock, SystemClock
+from nodeagent.errors import DomainError, out_of_range
+from nodeagent.logging import configure_logging
+from nodeagent.sdnotify import Notifier
+
+EXIT_CONFIG = 2
+SLOW_FLUSH_S = 0.05
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coordinator", description="shapeshifter cluster coordinator")
+    p.add_argument("--listen", required=True, metavar="ADDR",
+                   help="gRPC address, e.g. 0.0.0.0:50100")
+    p.add_argument("--topology", required=True, type=Path, metavar="FILE", help="topology YAML")
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="SQLite state file")
+    p.add_argument("--metrics-listen", default="", metavar="ADDR",
+                   help="Prometheus HOST:PORT ('' disables)")
+    p.add_argument("--lease-ttl-s", type=float, default=10.0, metavar="S")
+    p.add_argument("--action-timeout-s", type=float, default=30.0, metavar="S",
+                   help="how long an operator action waits for the agent's answer")
+    p.add_argument("--persist-interval-s", type=float, default=0.5, metavar="S",
+                   help="how often changed node state is written to SQLite (one transaction)")
+    p.add_argument("--persist-batch", type=int, default=100, metavar="N",
+                   help="at most N nodes per write, oldest change first (bounds the pause)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    log = structlog.get_logger().bind(component="coordinator")
+    try:
+        topology = load_topology(args.topology)
+        lease_policy = LeasePolicy(ttl_s=args.lease_ttl_s)
+        for name, value, low, high in (("persist_interval_s", args.persist_interval_s, 0.05, 600),
+                                       ("action_timeout_s", args.action_timeout_s, 0.1, 3600)):
+            if not low <= value <= high:
+                raise out_of_range(name, value, low, high, "s")
+        if not 1 <= args.persist_batch <= 100_000:
+            raise out_of_range("persist_batch", args.persist_batch, 1, 100_000)
+    except DomainError as err:
+        log.error("config_invalid", field=err.field, error=str(err))
+        print(f"coordinator: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(serve(args, topology, lease_policy, SystemClock()))
+    except (OSError, sqlite3.Error) as err:
+        log.error("start_failed", error=str(err))
+        print(f"coordinator: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(args: argparse.Namespace, topology: Topology, lease_policy: LeasePolicy,
+                clock: Clock) -> None:
+    log = structlog.get_logger().bind(component="coordinator")
+    store = Store(args.db)
+    store.save_topology(str(args.topology), args.topology.read_text(), clock.time())
+    epoch = store.bump_epoch()  # every start: plans and leases of the previous run are older
+    core = CoordinatorCore(topology, store, clock, epoch=epoch, lease_policy=lease_policy,
+                           action_timeout_s=args.action_timeout_s)
+    server, health_servicer = await build_server(core)
+    port = server.add_insecure_port(args.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on --listen={args.listen}")
+    http = _start_metrics(args.metrics_listen, core)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    notifier = Notifier()
+    notifier.ready(f"epoch {epoch}, {len(core.registry)} known nodes")
+    log.info("coordinator_started", listen=args.listen, port=port, epoch=epoch,
+             nodes=len(core.registry), db=str(args.db))
+    flush = _flush_loop(core, args.persist_interval_s, args.persist_batch)
+    background = [asyncio.create_task(flush), asyncio.create_task(_watchdog_loop(notifier))]
+    await stop.wait()
+
+    log.info("coordinator_stopping")
+    notifier.stopping()
+    await health_servicer.enter_graceful_shutdown()
+    for task in background:
+        task.cancel()
+    core.close_sessions()  # ends the agents' streams, so the server's grace is not waited out
+    await server.stop(grace=2.0)
+    core.flush()
+    store.close()
+    if http is not None:
+        http.shutdown()
+    log.info("coordinator_stopped", epoch=epoch)
+
+
+def _start_metrics(listen: str, core: CoordinatorCore) -> Any:
+    """Prometheus on HOST:PORT (its own thread); None when listen is ''."""
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    registry = metrics.make_registry(core.cluster, lambda: core.epoch)
+    http, _ = start_http_server(int(port), host or "0.0.0.0", registry=registry)
+    return http
+
+
+async def build_server(
+    core: CoordinatorCore,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """AgentLink + Coordinator + health + reflection on one aio server (not yet bound)."""
+    server = grpc.aio.server()
+    link = AgentLinkServicer(core)
+    coordinator_pb2_grpc.add_AgentLinkServicer_to_server(link, server)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(core, link), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [coordinator_pb2.DESCRIPTOR.services_by_name[s].full_name
+             for s in ("AgentLink", "Coordinator")]
+    for name in [*names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME],
+                                        server)
+    return server, health_servicer
+
+
+async def _watchdog_loop(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings (systemd restarts)."""
+    if notifier.watchdog_interval_s is None:
+        return
+    while True:
+        notifier.watchdog_ping()
+        await asyncio.sleep(notifier.watchdog_interval_s / 4)
+
+
+async def _flush_loop(core: CoordinatorCore, interval_s: float, batch: int) -> None:
+    log = structlog.get_logger().bind(component="store")
+    while True:
+        await asyncio.sleep(interval_s)
+        start_s = time.perf_counter()
+        try:
+            written = core.flush(batch)
+        except Exception:  # a failed write is logged loudly and retried at the next interval
+            log.exception("flush_failed")
+            continue
+        took_s = time.perf_counter() - start_s
+        if took_s > SLOW_FLUSH_S:  # the loop (report ingest) waited this long
+            log.warning("flush_slow", nodes=written, took_ms=round(took_s * 1e3, 1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

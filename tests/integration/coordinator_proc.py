@@ -1,0 +1,81 @@
+"""A coordinator subprocess for the integration tests, waited on until its health is SERVING."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.v1 import coordinator_pb2 as cpb
+from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
+from tests.conftest import console_script, poll
+
+
+@dataclass
+class CoordinatorProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    _channel: grpc.Channel | None = field(default=None, repr=False)
+
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return self._channel
+
+    def stub(self) -> cpb_grpc.CoordinatorStub:
+        return cpb_grpc.CoordinatorStub(self.channel())
+
+    def cluster(self) -> cpb.ClusterStatus:
+        return self.stub().GetCluster(cpb.GetClusterRequest(), timeout=5)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"coordinator ignored {sig}:\n{self.log_text()}") from None
+        return self.proc.returncode
+
+
+def start_coordinator(workdir: Path, port: int, *extra: str) -> CoordinatorProcess:
+    """`coordinator` on 127.0.0.1:port with workdir/topology.yaml and workdir/c.db."""
+    address = f"127.0.0.1:{port}"
+    log_path = workdir / f"coordinator-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*console_script("coordinator"), "--listen", address,
+             "--topology", str(workdir / "topology.yaml"), "--db", str(workdir / "c.db"),
+             "--persist-interval-s", "0.2", "--action-timeout-s", "5", *extra],
+            stdout=log, stderr=subprocess.STDOUT)
+    coord = CoordinatorProcess(proc, address, log_path)
+    health = health_pb2_grpc.HealthStub(coord.channel())
+
+    def serving() -> bool:
+        assert proc.poll() is None, coord.log_text()
+        try:
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    try:
+        poll(serving, timeout_s=20, interval_s=0.1)
+    except AssertionError:
+        coord.stop(signal.SIGKILL)
+        raise
+    return coord

@@ -1,0 +1,90 @@
+"""`shapectl demo`: all N nodes show up in its JSON status, and it leaves no process behind
+(after --for, and after Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import grpc
+import psutil
+
+from coordinator.topology import Topology
+from coordinator.v1 import coordinator_pb2 as cpb
+from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapectl.demo import demo_topology, peak_node_power_w
+from tests.conftest import console_script, poll, run_cli
+
+
+def workdir_of(stderr: str) -> str:
+    match = re.search(r"logs in (\S+shapeshifter-demo-\w+)", stderr)
+    assert match, stderr
+    return match.group(1)
+
+
+def leftovers(workdir: str) -> list[str]:
+    """Processes still running that the demo started (their command lines name its workdir)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if workdir in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_demo_for_seconds_shows_all_nodes_and_stops_everything() -> None:
+    out = run_cli("shapectl", "demo", "--nodes", "4", "--gpus", "2", "--for", "2", "--json",
+                  timeout_s=120)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert sorted(n["name"] for n in status["nodes"]) == [f"node-0{i}" for i in range(1, 5)]
+    assert all(n["state"] == "up" and n["power_draw_w"] > 0 for n in status["nodes"])
+    assert [r["name"] for r in status["rows"]] == ["r1", "r2"]
+    assert [r["nodes"] for r in status["rows"]] == [2, 2]
+    assert all(r["power_limit_w"] > 0 for r in status["rows"])
+    assert {n["rack"] for n in status["nodes"]} == {"k1", "k2", "k3", "k4"}
+    assert leftovers(workdir_of(out.stderr)) == []
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    proc = subprocess.Popen([*console_script("shapectl"), "demo", "--nodes", "2", "--gpus", "1",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline() if proc.stderr else ""
+        match = re.search(r"coordinator on (\S+),", first)
+        assert match, first
+        stub = cpb_grpc.CoordinatorStub(grpc.insecure_channel(match.group(1)))
+
+        def two_up() -> bool:
+            try:
+                nodes = stub.GetCluster(cpb.GetClusterRequest(), timeout=2).nodes
+            except grpc.RpcError:
+                return False
+            return sum(n.state == "up" for n in nodes) == 2
+
+        poll(two_up, timeout_s=60, interval_s=0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert len(json.loads(stdout)["nodes"]) == 2
+    workdir = workdir_of(first)
+    deadline = time.monotonic() + 5
+    while leftovers(workdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(workdir) == []
+
+
+def test_demo_topology_is_valid_and_tight() -> None:
+    topo = Topology.model_validate(demo_topology(8, "h100-80gb", 8))
+    peak_w = peak_node_power_w("h100-80gb", 8)
+    rows = topo.sites[0].rows
+    assert [(r.name, [k.name for k in r.racks]) for r in rows] == [
+        ("r1", ["k1", "k2"]), ("r2", ["k3", "k4"])]
+    assert all(r.row_power_limit_w < 4 * peak_w for r in rows)  # 4 nodes per row: tight
+    assert topo.place({"site": "s1", "row": "r2", "rack": "k4", "aisle": "a2"}) is not None
