@@ -85,6 +85,30 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         action = agent_pb2.Action(set_mig_mode=request.request)
         return await self._pass_through(request.node_id, action, context)
 
+    async def StartInstance(self, request: pb.NodeStartInstanceRequest,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(start_instance=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def StopInstance(self, request: pb.NodeStopInstanceRequest,
+                           context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(stop_instance=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def ReconfigureInstance(self, request: pb.NodeReconfigureInstanceRequest,
+                                  context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
+        action = agent_pb2.Action(reconfigure_instance=request.request)
+        return await self._pass_through(request.node_id, action, context)
+
+    async def ListInstances(self, request: pb.NodeListInstancesRequest,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.ListInstancesResponse:
+        async def listed() -> agent_pb2.ListInstancesResponse:
+            rec = self._core.registry.get(request.node_id)
+            report = rec.report or agent_pb2.Node()
+            return agent_pb2.ListInstancesResponse(instances=report.instances)
+
+        return await _translate(context, listed)
+
     async def ListAudit(self, request: pb.ListAuditRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListAuditResponse:
         entries = self._core.audit(request.limit, request.node_id)

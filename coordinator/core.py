@@ -73,13 +73,17 @@ class IngestStats:
 
 class CoordinatorCore:
     def __init__(self, topology: Topology, store: Store, clock: Clock, *, epoch: int,
-                 lease_policy: leases.LeasePolicy, action_timeout_s: float = 30.0) -> None:
+                 lease_policy: leases.LeasePolicy, action_timeout_s: float = 30.0,
+                 instance_action_timeout_s: float = 600.0) -> None:
         self.topology = topology
         self.store = store
         self.clock = clock
         self.epoch = epoch
         self.lease_policy = lease_policy
         self.action_timeout_s = action_timeout_s
+        # Engine actions wait for READY (64 s for the tiny model on a 2-core CPU; minutes for a
+        # large model on GPUs), so they get their own, longer deadline.
+        self.instance_action_timeout_s = instance_action_timeout_s
         self.registry = Registry(topology, clock)
         self.ingest_stats = IngestStats()
         self._log = structlog.get_logger().bind(component="coordinator")
@@ -174,7 +178,10 @@ class CoordinatorCore:
             raise errors.Unavailable(f"node {node_id} is not connected", field="node_id")
         plan = agent_pb2.Plan(plan_id=uuid.uuid4().hex, epoch=self.epoch, actions=[action],
                               reason="operator pass-through")
-        resp = await rec.session.apply_plan(plan, self.action_timeout_s)
+        kind = action.WhichOneof("kind") or ""
+        timeout_s = (self.instance_action_timeout_s if kind.endswith("_instance")
+                     else self.action_timeout_s)
+        resp = await rec.session.apply_plan(plan, timeout_s)
         if not resp.results:
             raise errors.Internal(f"node {node_id} answered plan {plan.plan_id} without results")
         result = resp.results[0]

@@ -51,6 +51,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl-s", type=float, default=10.0, metavar="S")
     p.add_argument("--action-timeout-s", type=float, default=30.0, metavar="S",
                    help="how long an operator action waits for the agent's answer")
+    p.add_argument("--instance-action-timeout-s", type=float, default=600.0, metavar="S",
+                   help="how long an instance start/stop/reconfigure waits (engines load slowly)")
     p.add_argument("--persist-interval-s", type=float, default=0.5, metavar="S",
                    help="how often changed node state is written to SQLite (one transaction)")
     p.add_argument("--persist-batch", type=int, default=100, metavar="N",
@@ -67,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         topology = load_topology(args.topology)
         lease_policy = LeasePolicy(ttl_s=args.lease_ttl_s)
         for name, value, low, high in (("persist_interval_s", args.persist_interval_s, 0.05, 600),
-                                       ("action_timeout_s", args.action_timeout_s, 0.1, 3600)):
+                                       ("action_timeout_s", args.action_timeout_s, 0.1, 3600),
+                                       ("instance_action_timeout_s",
+                                        args.instance_action_timeout_s, 0.1, 7200)):
             if not low <= value <= high:
                 raise out_of_range(name, value, low, high, "s")
         if not 1 <= args.persist_batch <= 100_000:
@@ -92,7 +96,8 @@ async def serve(args: argparse.Namespace, topology: Topology, lease_policy: Leas
     store.save_topology(str(args.topology), args.topology.read_text(), clock.time())
     epoch = store.bump_epoch()  # every start: plans and leases of the previous run are older
     core = CoordinatorCore(topology, store, clock, epoch=epoch, lease_policy=lease_policy,
-                           action_timeout_s=args.action_timeout_s)
+                           action_timeout_s=args.action_timeout_s,
+                           instance_action_timeout_s=args.instance_action_timeout_s)
     server, health_servicer = await build_server(core)
     port = server.add_insecure_port(args.listen)
     if port == 0:

@@ -56,6 +56,27 @@ def validate_action(node: agent_pb2.Node, action: agent_pb2.Action) -> None:
                                       field="request.mig_parted_config")
         else:
             gpu_of(node, req.gpu_index)
+    elif kind in ("start_instance", "stop_instance", "reconfigure_instance"):
+        _validate_instance_action(node, action)
     else:
         raise InvalidArgument(f"action kind {kind!r} is not an operator pass-through",
                               field="action")
+
+
+def _validate_instance_action(node: agent_pb2.Node, action: agent_pb2.Action) -> None:
+    """Identity checks only: the agent validates the spec itself against its devices and ports."""
+    kind = action.WhichOneof("kind")
+    known = {i.spec.instance_id for i in node.instances}
+    if kind == "start_instance":
+        instance_id = action.start_instance.spec.instance_id
+        if not instance_id:
+            raise InvalidArgument("request.spec.instance_id must not be empty",
+                                  field="request.spec.instance_id")
+        return
+    instance_id = (action.stop_instance.instance_id if kind == "stop_instance"
+                   else action.reconfigure_instance.instance_id)
+    if instance_id not in known:
+        listed = ", ".join(sorted(known)) or "none"
+        raise InvalidArgument(
+            f"request.instance_id={instance_id!r} is not an instance of node {node.node_id}; "
+            f"known: {listed}", field="request.instance_id")

@@ -27,7 +27,7 @@ from nodeagent.logging import configure_logging, get_logger
 from nodeagent.metrics import serve_metrics
 from nodeagent.sampler import NodeIdentity, SafetyView, Sampler
 from nodeagent.sdnotify import Notifier
-from nodeagent.server import AgentServer, NodeAgentServicer, node_to_pb
+from nodeagent.server import AgentServer, NodeAgentServicer
 from nodeagent.thermal_guard import GuardSettings, ThermalGuard
 
 
@@ -145,7 +145,7 @@ def build_agent(cfg: AgentConfig, clock: Clock, log: Any) -> Agent:
             c.address, c.report_interval_s, c.reconnect_initial_s, c.reconnect_max_s
         )
         agent.link = CoordinatorLink(
-            settings, lambda: node_to_pb(sampler.latest()), actuator, lease_keeper, clock, log,
+            settings, servicer.latest_node, actuator, lease_keeper, clock, log,
             on_change=sampler.mark_changed,
         )
     return agent

@@ -230,10 +230,15 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
     # -------- snapshot
 
     def GetNode(self, request: pb.GetNodeRequest, context: grpc.ServicerContext) -> pb.Node:
-        node = node_to_pb(_call(context, self._sampler.fresh))
+        return self._with_instances(node_to_pb(_call(context, self._sampler.fresh)))
+
+    def latest_node(self) -> pb.Node:
+        """The last sample with the instances: what the coordinator link reports."""
+        return self._with_instances(node_to_pb(self._sampler.latest()))
+
+    def _with_instances(self, node: pb.Node) -> pb.Node:
         if self.instance_service is not None:
-            listed = self.instance_service.ListInstances(pb.ListInstancesRequest(), context)
-            node.instances.extend(listed.instances)
+            node.instances.extend(self.instance_service.instances())
         return node
 
     def WatchTelemetry(

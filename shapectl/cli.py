@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from shapectl import agent_cmds, cluster_cmds, profile_cmds
+from shapectl import agent_cmds, cluster_cmds, instance_cmds, profile_cmds
 from shapectl.targets import TargetError
 
 # Each module exposes register(subparsers); its subparsers set `func(args) -> int`.
-COMMAND_MODULES = [agent_cmds, profile_cmds, cluster_cmds]
+COMMAND_MODULES = [agent_cmds, instance_cmds, profile_cmds, cluster_cmds]
 
 DEFAULT_COORDINATOR = "127.0.0.1:50050"
 

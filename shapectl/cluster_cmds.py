@@ -33,6 +33,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("watch", help="the status view, refreshed until Ctrl-C")
     p.add_argument("--interval-s", type=float, default=1.0, metavar="S")
     p.set_defaults(func=cmd_watch)
+    p = subparsers.add_parser("audit", help="the coordinator's audit log, newest first")
+    p.add_argument("--node", default="", help="only this node's entries")
+    p.add_argument("--limit", type=int, default=50, metavar="N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_audit)
     demo.register(subparsers)
 
 
@@ -63,6 +68,24 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(json.dumps(to_json_dict(resp)))
     else:
         Console().print(nodes_table(list(resp.nodes)))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.coordinator) as channel:
+        resp = cpb_grpc.CoordinatorStub(channel).ListAudit(
+            cpb.ListAuditRequest(limit=args.limit, node_id=args.node), timeout=args.timeout)
+    if args.json:
+        print(json.dumps(to_json_dict(resp)))
+        return 0
+    table = Table(title="audit log")
+    for column in ("id", "time", "epoch", "node", "action", "ok", "code", "actor", "message"):
+        table.add_column(column)
+    for e in resp.entries:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at_unix_s))
+        table.add_row(str(e.id), at, str(e.epoch), e.node_id, e.action, "yes" if e.ok else "NO",
+                      e.code, e.actor, e.message)
+    Console().print(table)
     return 0
 
 

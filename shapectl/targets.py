@@ -26,16 +26,22 @@ class Target(Protocol):
     def reset_clocks(self, gpu_index: int) -> pb.ActionResult: ...
     def set_mig_mode(self, gpu_index: int, enabled: bool) -> pb.ActionResult: ...
     def mig_apply(self, request: pb.ApplyMigLayoutRequest) -> pb.ActionResult: ...
+    def start_instance(self, request: pb.StartInstanceRequest) -> str: ...
+    def stop_instance(self, request: pb.StopInstanceRequest) -> str: ...
+    def reconfigure_instance(self, request: pb.ReconfigureInstanceRequest) -> str: ...
+    def list_instances(self) -> list[pb.Instance]: ...
     def close(self) -> None: ...
 
 
 class AgentTarget:
     """A nodeagent's gRPC API at HOST:PORT."""
 
-    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 10.0,
+                 instance_timeout_s: float = 900.0) -> None:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.NodeAgentStub(self._channel)
         self._timeout_s = timeout_s
+        self._instance_timeout_s = instance_timeout_s
 
     def node(self) -> pb.Node:
         return self._stub.GetNode(pb.GetNodeRequest(), timeout=self._timeout_s)
@@ -60,6 +66,25 @@ class AgentTarget:
     def mig_apply(self, request: pb.ApplyMigLayoutRequest) -> pb.ActionResult:
         return self._stub.ApplyMigLayout(request, timeout=self._timeout_s)
 
+    # Instance calls return a one-line outcome; they wait for the engine, hence instance_timeout_s.
+    def start_instance(self, request: pb.StartInstanceRequest) -> str:
+        inst = self._stub.StartInstance(request, timeout=self._instance_timeout_s)
+        return f"{inst.spec.instance_id}: {inst.state} pid {inst.pid} port {inst.spec.port}"
+
+    def stop_instance(self, request: pb.StopInstanceRequest) -> str:
+        inst = self._stub.StopInstance(request, timeout=self._instance_timeout_s)
+        return f"{inst.spec.instance_id}: {inst.state}"
+
+    def reconfigure_instance(self, request: pb.ReconfigureInstanceRequest) -> str:
+        r = self._stub.ReconfigureInstance(request, timeout=self._instance_timeout_s)
+        steps = " ".join(f"{s.step}={s.seconds:.1f}s" for s in r.steps)
+        verdict = "ROLLED BACK" if r.rolled_back else "reconfigured"
+        return f"{r.instance.spec.instance_id}: {verdict} {steps} {r.message}".strip()
+
+    def list_instances(self) -> list[pb.Instance]:
+        return list(self._stub.ListInstances(pb.ListInstancesRequest(),
+                                             timeout=self._timeout_s).instances)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -73,11 +98,13 @@ class CoordinatorTarget:
     """One node through the coordinator's admin API: validated there, sent over the agent's
     stream as a one-action plan, audited."""
 
-    def __init__(self, address: str, node_id: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, node_id: str, timeout_s: float = 10.0,
+                 instance_timeout_s: float = 900.0) -> None:
         self._channel = grpc.insecure_channel(address)
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
         self._node_id = node_id
         self._timeout_s = timeout_s
+        self._instance_timeout_s = instance_timeout_s
 
     def node(self) -> pb.Node:
         status = self._stub.GetNode(cpb.GetNodeRequest(node_id=self._node_id),
@@ -110,6 +137,28 @@ class CoordinatorTarget:
     def mig_apply(self, request: pb.ApplyMigLayoutRequest) -> pb.ActionResult:
         return self._call(self._stub.ApplyMigLayout,
                           cpb.NodeApplyMigLayoutRequest(node_id=self._node_id, request=request))
+
+    def _instance_call(self, rpc: Any, request: Message) -> str:
+        r = rpc(request, timeout=self._instance_timeout_s, metadata=actor_metadata())
+        return f"{'changed' if r.changed else 'unchanged'} in {r.duration_s:.1f}s {r.message}"
+
+    def start_instance(self, request: pb.StartInstanceRequest) -> str:
+        return self._instance_call(self._stub.StartInstance, cpb.NodeStartInstanceRequest(
+            node_id=self._node_id, request=request))
+
+    def stop_instance(self, request: pb.StopInstanceRequest) -> str:
+        return self._instance_call(self._stub.StopInstance, cpb.NodeStopInstanceRequest(
+            node_id=self._node_id, request=request))
+
+    def reconfigure_instance(self, request: pb.ReconfigureInstanceRequest) -> str:
+        return self._instance_call(self._stub.ReconfigureInstance,
+                                   cpb.NodeReconfigureInstanceRequest(node_id=self._node_id,
+                                                                      request=request))
+
+    def list_instances(self) -> list[pb.Instance]:
+        resp = self._stub.ListInstances(cpb.NodeListInstancesRequest(node_id=self._node_id),
+                                        timeout=self._timeout_s)
+        return list(resp.instances)
 
     def close(self) -> None:
         self._channel.close()

@@ -234,6 +234,36 @@ class NodeSetMigModeRequest(_message.Message):
     request: _agent_pb2.SetMigModeRequest
     def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_agent_pb2.SetMigModeRequest, _Mapping]] = ...) -> None: ...
 
+class NodeStartInstanceRequest(_message.Message):
+    __slots__ = ("node_id", "request")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    request: _agent_pb2.StartInstanceRequest
+    def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_agent_pb2.StartInstanceRequest, _Mapping]] = ...) -> None: ...
+
+class NodeStopInstanceRequest(_message.Message):
+    __slots__ = ("node_id", "request")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    request: _agent_pb2.StopInstanceRequest
+    def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_agent_pb2.StopInstanceRequest, _Mapping]] = ...) -> None: ...
+
+class NodeReconfigureInstanceRequest(_message.Message):
+    __slots__ = ("node_id", "request")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    request: _agent_pb2.ReconfigureInstanceRequest
+    def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_agent_pb2.ReconfigureInstanceRequest, _Mapping]] = ...) -> None: ...
+
+class NodeListInstancesRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
 class ListAuditRequest(_message.Message):
     __slots__ = ("limit", "node_id")
     LIMIT_FIELD_NUMBER: _ClassVar[int]

@@ -157,6 +157,26 @@ class CoordinatorStub:
                 request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeSetMigModeRequest.SerializeToString,
                 response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
                 _registered_method=True)
+        self.StartInstance = channel.unary_unary(
+                '/shapeshifter.coordinator.v1.Coordinator/StartInstance',
+                request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeStartInstanceRequest.SerializeToString,
+                response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+                _registered_method=True)
+        self.StopInstance = channel.unary_unary(
+                '/shapeshifter.coordinator.v1.Coordinator/StopInstance',
+                request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeStopInstanceRequest.SerializeToString,
+                response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+                _registered_method=True)
+        self.ReconfigureInstance = channel.unary_unary(
+                '/shapeshifter.coordinator.v1.Coordinator/ReconfigureInstance',
+                request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeReconfigureInstanceRequest.SerializeToString,
+                response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+                _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/shapeshifter.coordinator.v1.Coordinator/ListInstances',
+                request_serializer=coordinator_dot_v1_dot_coordinator__pb2.NodeListInstancesRequest.SerializeToString,
+                response_deserializer=nodeagent_dot_v1_dot_agent__pb2.ListInstancesResponse.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/shapeshifter.coordinator.v1.Coordinator/ListAudit',
                 request_serializer=coordinator_dot_v1_dot_coordinator__pb2.ListAuditRequest.SerializeToString,
@@ -223,6 +243,34 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartInstance(self, request, context):
+        """Engine instances on one node. Start/Stop/Reconfigure go over the node's stream as
+        one-action plans and are audited like GPU actions; they wait up to the instance action
+        timeout (a real engine needs tens of seconds to reach READY). ListInstances answers from the
+        node's latest report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconfigureInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -279,6 +327,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SetMigMode,
                     request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeSetMigModeRequest.FromString,
                     response_serializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.SerializeToString,
+            ),
+            'StartInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartInstance,
+                    request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeStartInstanceRequest.FromString,
+                    response_serializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.SerializeToString,
+            ),
+            'StopInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopInstance,
+                    request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeStopInstanceRequest.FromString,
+                    response_serializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.SerializeToString,
+            ),
+            'ReconfigureInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconfigureInstance,
+                    request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeReconfigureInstanceRequest.FromString,
+                    response_serializer=nodeagent_dot_v1_dot_agent__pb2.ActionResult.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=coordinator_dot_v1_dot_coordinator__pb2.NodeListInstancesRequest.FromString,
+                    response_serializer=nodeagent_dot_v1_dot_agent__pb2.ListInstancesResponse.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -509,6 +577,114 @@ class Coordinator:
             '/shapeshifter.coordinator.v1.Coordinator/SetMigMode',
             coordinator_dot_v1_dot_coordinator__pb2.NodeSetMigModeRequest.SerializeToString,
             nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeshifter.coordinator.v1.Coordinator/StartInstance',
+            coordinator_dot_v1_dot_coordinator__pb2.NodeStartInstanceRequest.SerializeToString,
+            nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeshifter.coordinator.v1.Coordinator/StopInstance',
+            coordinator_dot_v1_dot_coordinator__pb2.NodeStopInstanceRequest.SerializeToString,
+            nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconfigureInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeshifter.coordinator.v1.Coordinator/ReconfigureInstance',
+            coordinator_dot_v1_dot_coordinator__pb2.NodeReconfigureInstanceRequest.SerializeToString,
+            nodeagent_dot_v1_dot_agent__pb2.ActionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeshifter.coordinator.v1.Coordinator/ListInstances',
+            coordinator_dot_v1_dot_coordinator__pb2.NodeListInstancesRequest.SerializeToString,
+            nodeagent_dot_v1_dot_agent__pb2.ListInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,7 +111,10 @@ class InstanceService:
     def ListInstances(
         self, request: pb.ListInstancesRequest, context: grpc.ServicerContext
     ) -> pb.ListInstancesResponse:
-        return pb.ListInstancesResponse(instances=[status_to_pb(s) for s in self._manager.list()])
+        return pb.ListInstancesResponse(instances=self.instances())
+
+    def instances(self) -> list[pb.Instance]:
+        return [status_to_pb(s) for s in self._manager.list()]
 
     def run_instance_action(self, action: object) -> bool:
         """Plan actions (nodeagent.actuation.InstanceAction: .kind, .request proto).
