@@ -24,6 +24,8 @@ from nodeagent.v1 import agent_pb2_grpc
 
 STARTUP_TIMEOUT_S = 20.0
 BIN_DIR = Path(sys.executable).parent
+# ../shared beside the checkout (DESIGN.md, the seed papers, the Azure trace); CI provides it.
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
 def free_port() -> int:

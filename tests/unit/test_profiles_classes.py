@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,9 @@ from coordinator.profiles.classes import (
 )
 from coordinator.profiles.schema import QueryClass
 from nodeagent.errors import InvalidArgument
+from tests.conftest import SHARED_DIR
 
-TRACE = Path("/work/shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv")
+TRACE = SHARED_DIR / "data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
 
 
 def test_classify_boundaries_and_tau() -> None:

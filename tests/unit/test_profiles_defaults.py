@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,9 @@ from coordinator.profiles.derive import (
 from coordinator.profiles.profiler import StepResult, msrr_step
 from coordinator.profiles.schema import QueryClass, Source
 from coordinator.profiles.store import default_rows
+from tests.conftest import SHARED_DIR
 
-OASIS = Path("/work/shared/seeds/004_6c81fe3db91cf355.txt")
+OASIS = SHARED_DIR / "seeds/004_6c81fe3db91cf355.txt"
 
 
 def test_defaults_load_and_carry_provenance() -> None:
