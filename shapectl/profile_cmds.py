@@ -18,6 +18,8 @@ from coordinator.profiles.store import load_profiles, upsert_csv
 from nodeagent.errors import DomainError
 from nodeagent.logging import LEVELS, configure_logging
 
+MIB, GB = 2**20, 1e9  # memory_gb in the profile schema is decimal GB
+
 
 def register(subparsers: Any) -> None:
     profiles = subparsers.add_parser("profiles", help="hardware cost tables").add_subparsers(
@@ -114,6 +116,9 @@ class AgentPower:
     def power_w(self, gpu: int) -> float:
         return float(self._gpu(gpu).power_draw_w)
 
+    def memory_used_gb(self, gpu: int) -> float:
+        return float(self._gpu(gpu).memory_used_mib) * MIB / GB
+
     def lock_clocks(self, gpu: int, sm_clock_mhz: int) -> None:
         self._check(self._target.lock_clocks(gpu, sm_clock_mhz, sm_clock_mhz), "lock_clocks")
 
@@ -136,7 +141,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if agent_addr:
             from shapectl.targets import AgentTarget
 
-            target = AgentTarget(agent_addr, getattr(args, "timeout", 10.0))
+            target = AgentTarget(agent_addr, getattr(args, "timeout", 10.0),
+                                 security=getattr(args, "security", None))
             agent = AgentPower(target)
         qc = QueryClass(args.query_class)
         prompt_tokens, output_tokens = class_tokens(qc, args.tau)

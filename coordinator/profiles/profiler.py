@@ -77,13 +77,15 @@ class StepResult:
     throughput_tok_s: float
     avg_power_w: float | None
     first_error: str | None = None
+    peak_memory_gb: float | None = None  # GPU memory in use (weights + KV cache), from the agent
 
     def meets(self, slo_p95_s: float) -> bool:
         return self.errors == 0 and self.p95_latency_s <= slo_p95_s
 
 
 def summarize(concurrency: int, results: Sequence[RequestResult], wall_s: float,
-              power_samples_w: Sequence[float] = ()) -> StepResult:
+              power_samples_w: Sequence[float] = (),
+              memory_samples_gb: Sequence[float] = ()) -> StepResult:
     """Statistics of one step; latencies and TTFT over the successful requests."""
     if not results:
         raise InvalidArgument("a step needs at least one finished request", field="results")
@@ -100,6 +102,7 @@ def summarize(concurrency: int, results: Sequence[RequestResult], wall_s: float,
         throughput_tok_s=sum(r.output_tokens for r in ok) / wall_s,
         avg_power_w=sum(power_samples_w) / len(power_samples_w) if power_samples_w else None,
         first_error=next((r.error for r in results if not r.ok), None),
+        peak_memory_gb=max(memory_samples_gb) if memory_samples_gb else None,
     )
 
 
@@ -227,21 +230,29 @@ class GpuAgent(Protocol):
     def gpu_type(self, gpu: int) -> str: ...
     def is_simulated(self) -> bool: ...
     def power_w(self, gpu: int) -> float: ...
+    def memory_used_gb(self, gpu: int) -> float: ...
     def lock_clocks(self, gpu: int, sm_clock_mhz: int) -> None: ...
     def reset_clocks(self, gpu: int) -> None: ...
 
 
 class _PowerSampler:
-    def __init__(self, read_w: Callable[[], float], interval_s: float) -> None:
+    """Samples GPU power (and, when given, memory in use) in the background during a step."""
+
+    def __init__(self, read_w: Callable[[], float], interval_s: float,
+                 read_memory_gb: Callable[[], float] | None = None) -> None:
         self._read_w, self._interval_s = read_w, interval_s
+        self._read_memory_gb = read_memory_gb
         self._stop = threading.Event()
         self.samples_w: list[float] = []
+        self.samples_memory_gb: list[float] = []
         self._thread = threading.Thread(target=self._run, daemon=True, name="power-sampler")
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.samples_w.append(float(self._read_w()))
+                if self._read_memory_gb is not None:
+                    self.samples_memory_gb.append(float(self._read_memory_gb()))
             except Exception as err:  # a lost sample must not stop the sweep
                 log.warning("power_sample_failed", error=str(err))
             self._stop.wait(self._interval_s)
@@ -318,7 +329,8 @@ class SweepResult:
 def run_step(endpoint: Endpoint, prompt: str | list[int], max_tokens: int, concurrency: int,
              n_requests: int, clock: Clock, power: Callable[[], float] | None = None,
              power_interval_s: float = 0.2, on_request: Callable[[], None] | None = None,
-             stop: threading.Event | None = None) -> StepResult:
+             stop: threading.Event | None = None,
+             memory_gb: Callable[[], float] | None = None) -> StepResult:
     """One closed-loop step: `concurrency` workers issue `n_requests` requests in all.
 
     Workers are daemon threads; on KeyboardInterrupt the workers stop issuing and the interrupt
@@ -344,7 +356,7 @@ def run_step(endpoint: Endpoint, prompt: str | list[int], max_tokens: int, concu
 
     threads = [threading.Thread(target=worker, daemon=True, name=f"profile-worker-{i}")
                for i in range(min(concurrency, n_requests))]
-    sampler = _PowerSampler(power, power_interval_s) if power else None
+    sampler = _PowerSampler(power, power_interval_s, memory_gb) if power else None
     start = clock.monotonic()
     try:
         if sampler:
@@ -361,7 +373,8 @@ def run_step(endpoint: Endpoint, prompt: str | list[int], max_tokens: int, concu
         if sampler:
             sampler.__exit__()
     wall_s = max(clock.monotonic() - start, 1e-9)
-    return summarize(concurrency, results, wall_s, sampler.samples_w if sampler else ())
+    return summarize(concurrency, results, wall_s, sampler.samples_w if sampler else (),
+                     sampler.samples_memory_gb if sampler else ())
 
 
 def _row(cfg: SweepConfig, clock_mhz: int | None, steps: Sequence[StepResult], exact: bool,
@@ -397,10 +410,16 @@ def _row(cfg: SweepConfig, clock_mhz: int | None, steps: Sequence[StepResult], e
         throughput_tok_s=round(point.throughput_tok_s, 6),
         avg_power_w=None if point.avg_power_w is None else round(point.avg_power_w, 3),
         energy_per_token_j=None if energy is None else round(energy, 6),
-        memory_gb=None, max_concurrency=point.concurrency, source=Source.MEASURED,
+        memory_gb=_memory_gb(point.peak_memory_gb),
+        max_concurrency=point.concurrency, source=Source.MEASURED,
         provenance=provenance,
     )
     return validate(row)
+
+
+def _memory_gb(peak_gb: float | None) -> float | None:
+    """The row's memory: None when unmeasured or when nothing was resident (idle sim GPU)."""
+    return round(peak_gb, 3) if peak_gb is not None and peak_gb >= 0.001 else None
 
 
 def sweep(cfg: SweepConfig, endpoint: Endpoint, *, agent: GpuAgent | None = None,
@@ -426,6 +445,7 @@ def sweep(cfg: SweepConfig, endpoint: Endpoint, *, agent: GpuAgent | None = None
                 "what the endpoint measures; pass --allow-sim to sweep anyway", field="clocks")
     prompt, exact = build_prompt(endpoint, cfg.prompt_tokens)
     power = (lambda: agent.power_w(cfg.gpu)) if agent else None
+    memory = (lambda: agent.memory_used_gb(cfg.gpu)) if agent else None
     agent_note = (f"power from the node agent, GPU {cfg.gpu}" if agent
                   else "power not measured (no --agent)")
     result = SweepResult(exact_prompt=exact)
@@ -441,7 +461,8 @@ def sweep(cfg: SweepConfig, endpoint: Endpoint, *, agent: GpuAgent | None = None
                 tried: dict[int, bool] = {}
                 while (c := next_concurrency(tried, cfg.max_concurrency)) is not None:
                     step = runner(endpoint, prompt, cfg.output_tokens, c, cfg.requests_for(c),
-                                    clock, power, cfg.power_interval_s, on_request)
+                                    clock, power, cfg.power_interval_s, on_request,
+                                    memory_gb=memory)
                     if step.errors == step.requests:
                         raise Unavailable(f"every request failed at concurrency {c}: "
                                           f"{step.first_error}")

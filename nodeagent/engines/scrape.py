@@ -21,7 +21,10 @@ GENERATION_TOKENS = "vllm:generation_tokens_total"
 SLEEP_STATE = "vllm:engine_sleep_state"
 E2E_LATENCY = "vllm:e2e_request_latency_seconds"
 TTFT = "vllm:time_to_first_token_seconds"
-HISTOGRAMS = (E2E_LATENCY, TTFT)
+# Per-request token counts (1-2-5 buckets up to max-model-len): the query-class mix of live traffic.
+PROMPT_LENGTH = "vllm:request_prompt_tokens"
+GENERATION_LENGTH = "vllm:request_generation_tokens"
+HISTOGRAMS = (E2E_LATENCY, TTFT, PROMPT_LENGTH, GENERATION_LENGTH)
 # vLLM reports the sleep state as one gauge per sleep_state label (1 = current); as a level:
 SLEEP_LEVELS = {"awake": 0.0, "weights_offloaded": 1.0, "discard_all": 2.0}
 

@@ -92,6 +92,9 @@ def test_sweep_reads_power_from_an_agent(engine_url: str) -> None:
         def power_w(self, gpu: int) -> float:
             return 123.0
 
+        def memory_used_gb(self, gpu: int) -> float:
+            return 7.25
+
         def lock_clocks(self, gpu: int, sm_clock_mhz: int) -> None:
             raise AssertionError("no clocks asked for")
 
@@ -103,6 +106,7 @@ def test_sweep_reads_power_from_an_agent(engine_url: str) -> None:
     result = sweep(cfg, OpenAIEndpoint(engine_url, "tiny"), agent=ConstantAgent())
     (row,) = result.rows
     assert row.avg_power_w == 123.0
+    assert row.memory_gb == 7.25
     assert row.energy_per_token_j == pytest.approx(123.0 / (row.throughput_tok_s or 1), rel=1e-4)
 
 

@@ -35,7 +35,9 @@ def test_percentile_linear_between_ranks() -> None:
 def test_summarize_counts_failures_and_tokens() -> None:
     results = [RequestResult(True, 1.0, 0.1, 50), RequestResult(True, 3.0, 0.3, 50),
                RequestResult(False, 0.5, error="HTTP 500")]
-    s = summarize(4, results, wall_s=2.0, power_samples_w=[100.0, 200.0])
+    s = summarize(4, results, wall_s=2.0, power_samples_w=[100.0, 200.0],
+                  memory_samples_gb=[10.0, 12.5, 11.0])
+    assert s.peak_memory_gb == 12.5
     assert (s.requests, s.errors) == (3, 1)
     assert s.throughput_rps == pytest.approx(1.0)
     assert s.throughput_tok_s == pytest.approx(50.0)
@@ -61,7 +63,8 @@ def test_ramp_doubles_then_bisects() -> None:
 
 
 def _model_step(endpoint: Any, prompt: Any, max_tokens: int, c: int, n: int, clock: Any,
-                power: Any, interval: float, on_request: Any) -> StepResult:
+                power: Any, interval: float, on_request: Any, memory_gb: Any = None
+                ) -> StepResult:
     """A server that serves 8 requests at a time, 1 s each: latency grows past c = 8."""
     latency = 1.0 * max(1.0, c / 8)
     rps = min(c, 8) / 1.0
@@ -92,6 +95,9 @@ class _Agent:
     def power_w(self, gpu: int) -> float:
         return 200.0
 
+    def memory_used_gb(self, gpu: int) -> float:
+        return 0.0  # an idle simulated GPU: nothing resident, so no memory figure
+
     def lock_clocks(self, gpu: int, sm_clock_mhz: int) -> None:
         self.calls.append(("lock", sm_clock_mhz))
 
@@ -118,6 +124,7 @@ def test_sweep_finds_msrr_by_eq3_and_builds_a_measured_row() -> None:
     assert row.msrr_rps == 8.0 and row.max_concurrency == 8
     assert row.p95_latency_s is not None and row.p95_latency_s <= 1.5
     assert row.avg_power_w == 200.0
+    assert row.memory_gb is None
     assert row.energy_per_token_j == pytest.approx(200.0 / 400.0)
     assert row.source is Source.MEASURED and "exact token ids" in row.provenance
     assert result.exact_prompt and not result.interrupted
@@ -195,7 +202,7 @@ def test_bad_row_key_is_refused_before_any_request() -> None:
 
 
 def test_an_endpoint_that_fails_every_request_stops_the_sweep() -> None:
-    def failing(*args: Any) -> StepResult:
+    def failing(*args: Any, **kwargs: Any) -> StepResult:
         return summarize(args[3], [RequestResult(False, 0.1, error="HTTP 404")], 1.0)
 
     with pytest.raises(Unavailable, match="HTTP 404"):
