@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -13,6 +13,7 @@ from coordinator.state import NodeSummary, Rollup, summarize
 from coordinator.v1 import coordinator_pb2 as pb
 from coordinator.v1 import coordinator_pb2_grpc
 from nodeagent import errors
+from nodeagent.authz import Principal
 from nodeagent.v1 import agent_pb2
 
 ACTOR_METADATA_KEY = "x-shapeshifter-actor"
@@ -29,9 +30,12 @@ def summary_pb(s: NodeSummary) -> pb.NodeSummary:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, core: CoordinatorCore, link: AgentLinkServicer) -> None:
+    def __init__(self, core: CoordinatorCore, link: AgentLinkServicer,
+                 identify: Callable[[Any], Principal | None] = lambda _context: None) -> None:
+        """identify: the authenticated caller (coordinator.security.caller); None: auth off."""
         self._core = core
         self._link = link
+        self._identify = identify
 
     async def ListNodes(self, request: pb.ListNodesRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListNodesResponse:
@@ -128,6 +132,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                             context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
         metadata = dict(context.invocation_metadata() or ())
         actor = str(metadata.get(ACTOR_METADATA_KEY) or context.peer())
+        who = self._identify(context)
+        if who is not None:  # authenticated: that identity, the claimed actor only as a note
+            actor = f"{who.describe()}; claims {actor}"
         return await _translate(context, lambda: self._core.pass_through(node_id, action, actor))
 
 

@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from nodeagent.errors import InvalidArgument
+from nodeagent.transport import check_plaintext
+
 ENV_PREFIX = "SHAPESHIFTER_NODEAGENT_"
 GPU_TYPES = ("a100-40gb", "a100-80gb", "h100-80gb")
 
@@ -139,6 +142,19 @@ class EnginesConfig(_Section):
     stop_on_exit: bool = False  # False: engines outlive the agent and are re-adopted on restart
 
 
+class TlsConfig(_Section):
+    """mTLS (docs/SECURITY.md): this agent's certificate and key, and the CA of its peers. Used
+    for the agent's gRPC server (client certificates required) and its coordinator link."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+class AuthConfig(_Section):
+    tokens_file: Path | None = None  # bearer tokens -> roles (nodeagent.authz.load_tokens)
+
+
 class AgentConfig(_Section):
     version: Literal[1] = 1
     node: NodeConfig = Field(default_factory=NodeConfig)
@@ -154,6 +170,9 @@ class AgentConfig(_Section):
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tls: TlsConfig | None = None  # None: plaintext, allowed on loopback only unless insecure
+    insecure: bool = False  # allow plaintext on a non-loopback listen/coordinator address
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -171,6 +190,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", metavar="ADDR")
     p.add_argument("--interval-s", type=float, metavar="S")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--tls-cert", metavar="FILE", help="tls.cert_file")
+    p.add_argument("--tls-key", metavar="FILE", help="tls.key_file")
+    p.add_argument("--tls-ca", metavar="FILE", help="tls.ca_file")
+    p.add_argument("--auth-tokens", metavar="FILE", help="auth.tokens_file")
+    p.add_argument("--insecure", action="store_const", const=True,
+                   help="allow plaintext gRPC on a non-loopback address")
     return p
 
 
@@ -188,6 +213,11 @@ _CLI_PATHS: dict[str, tuple[str, ...]] = {
     "coordinator": ("coordinator", "address"),
     "interval_s": ("sampling", "interval_s"),
     "log_level": ("log_level",),
+    "tls_cert": ("tls", "cert_file"),
+    "tls_key": ("tls", "key_file"),
+    "tls_ca": ("tls", "ca_file"),
+    "auth_tokens": ("auth", "tokens_file"),
+    "insecure": ("insecure",),
 }
 
 
@@ -209,11 +239,25 @@ def load_config(
 
 def validate_config(tree: Mapping[str, Any], source: str = "config") -> AgentConfig:
     try:
-        return AgentConfig.model_validate(tree)
+        cfg = AgentConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(
             f"invalid config ({source}): " + "; ".join(_describe(e) for e in exc.errors())
         ) from None
+    if cfg.tls is None:
+        _check_plaintext(cfg, source)
+    return cfg
+
+
+def _check_plaintext(cfg: AgentConfig, source: str) -> None:
+    """Plaintext gRPC (no tls section) only on loopback, unless insecure: true."""
+    addresses = (("listen", cfg.listen), ("coordinator.address", cfg.coordinator.address))
+    for field, address in addresses:
+        if address:
+            try:
+                check_plaintext(address, field, cfg.insecure, "insecure: true")
+            except InvalidArgument as err:
+                raise ConfigError(f"invalid config ({source}): {err}") from None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ conversions the coordinator link reuses (node_to_pb, plan_from_pb, plan_outcome_
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, NoReturn, TypeVar
 
@@ -24,6 +24,7 @@ from nodeagent.errors import (
     out_of_range,
 )
 from nodeagent.sampler import GpuSnapshot, NodeSnapshot, Sampler
+from nodeagent.transport import TlsMaterial, bind
 from nodeagent.v1 import agent_pb2 as pb
 from nodeagent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -343,15 +344,26 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
 class AgentServer:
     """The gRPC server with the NodeAgent service, reflection and health."""
 
-    def __init__(self, servicer: NodeAgentServicer, listen: str, *, max_workers: int = 16) -> None:
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    def __init__(
+        self,
+        servicer: NodeAgentServicer,
+        listen: str,
+        *,
+        max_workers: int = 16,
+        tls: TlsMaterial | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
+    ) -> None:
+        """tls: mTLS on the port (None: plaintext); interceptors: nodeagent.authz."""
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors
+        )
         pb_grpc.add_NodeAgentServicer_to_server(servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
         )
-        self.port = self.grpc_server.add_insecure_port(listen)
+        self.port = bind(self.grpc_server, listen, tls)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
 

@@ -20,6 +20,7 @@ from rich.text import Text
 from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from shapectl import demo
+from shapectl.channels import ClientSecurity, client_channel, open_channel
 from shapectl.targets import to_json_dict
 
 
@@ -41,8 +42,9 @@ def register(subparsers: Any) -> None:
     demo.register(subparsers)
 
 
-def cluster_status(address: str, timeout_s: float) -> cpb.ClusterStatus:
-    with grpc.insecure_channel(address) as channel:
+def cluster_status(address: str, timeout_s: float,
+                   security: ClientSecurity | None = None) -> cpb.ClusterStatus:
+    with open_channel(address, security) as channel:
         return cpb_grpc.CoordinatorStub(channel).GetCluster(cpb.GetClusterRequest(),
                                                             timeout=timeout_s)
 
@@ -52,7 +54,7 @@ def status_json(status: cpb.ClusterStatus) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = cluster_status(args.coordinator, args.timeout)
+    status = cluster_status(args.coordinator, args.timeout, args.security)
     if args.json:
         print(json.dumps(status_json(status)))
     else:
@@ -61,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.coordinator) as channel:
+    with client_channel(args, args.coordinator) as channel:
         resp = cpb_grpc.CoordinatorStub(channel).ListNodes(cpb.ListNodesRequest(),
                                                            timeout=args.timeout)
     if args.json:
@@ -72,7 +74,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.coordinator) as channel:
+    with client_channel(args, args.coordinator) as channel:
         resp = cpb_grpc.CoordinatorStub(channel).ListAudit(
             cpb.ListAuditRequest(limit=args.limit, node_id=args.node), timeout=args.timeout)
     if args.json:
@@ -95,7 +97,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         try:
             while True:
                 try:
-                    view: Any = status_view(cluster_status(args.coordinator, args.timeout))
+                    view: Any = status_view(
+                        cluster_status(args.coordinator, args.timeout, args.security))
                 except grpc.RpcError as err:
                     view = Text(f"{args.coordinator}: {err.code().name}: {err.details()}",
                                 style="bold red")

@@ -8,7 +8,6 @@ import getpass
 import socket
 from typing import Any, Protocol
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -17,6 +16,7 @@ from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from nodeagent.v1 import agent_pb2 as pb
 from nodeagent.v1 import agent_pb2_grpc as pb_grpc
+from shapectl.channels import ClientSecurity, open_channel
 
 
 class Target(Protocol):
@@ -37,8 +37,8 @@ class AgentTarget:
     """A nodeagent's gRPC API at HOST:PORT."""
 
     def __init__(self, address: str, timeout_s: float = 10.0,
-                 instance_timeout_s: float = 900.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+                 instance_timeout_s: float = 900.0, security: ClientSecurity | None = None) -> None:
+        self._channel = open_channel(address, security)
         self._stub = pb_grpc.NodeAgentStub(self._channel)
         self._timeout_s = timeout_s
         self._instance_timeout_s = instance_timeout_s
@@ -99,8 +99,8 @@ class CoordinatorTarget:
     stream as a one-action plan, audited."""
 
     def __init__(self, address: str, node_id: str, timeout_s: float = 10.0,
-                 instance_timeout_s: float = 900.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+                 instance_timeout_s: float = 900.0, security: ClientSecurity | None = None) -> None:
+        self._channel = open_channel(address, security)
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
         self._node_id = node_id
         self._timeout_s = timeout_s
@@ -170,13 +170,14 @@ class TargetError(Exception):
 
 def target_for(args: Any) -> Target:
     """The target a per-node command addresses: --agent wins, else the coordinator."""
+    security = getattr(args, "security", None)
     if args.agent:
-        return AgentTarget(args.agent, args.timeout)
+        return AgentTarget(args.agent, args.timeout, security=security)
     node_id = getattr(args, "node", "")
     if not node_id:
         raise TargetError("per-node commands need a node name (--node NODE, or NODE for `node`) "
                           "to go through the coordinator, or --agent ADDR")
-    return CoordinatorTarget(args.coordinator, node_id, args.timeout)
+    return CoordinatorTarget(args.coordinator, node_id, args.timeout, security=security)
 
 
 _INT64_TYPES = (

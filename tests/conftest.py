@@ -64,6 +64,7 @@ class AgentProcess:
     state_dir: Path
     log_path: Path
     _channel: grpc.Channel | None = field(default=None, repr=False)
+    credentials: grpc.ChannelCredentials | None = None  # mTLS agents (tests/integration/...)
 
     @property
     def address(self) -> str:
@@ -71,7 +72,11 @@ class AgentProcess:
 
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = (
+                grpc.insecure_channel(self.address)
+                if self.credentials is None
+                else grpc.secure_channel(self.address, self.credentials)
+            )
         return self._channel
 
     def stub(self) -> agent_pb2_grpc.NodeAgentStub:
@@ -120,6 +125,7 @@ def start_agent(
     gpu_type: str = "h100-80gb",
     env: dict[str, str] | None = None,
     wait: bool = True,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> AgentProcess:
     """Start `nodeagent --backend sim` on free ports; extra CLI args override the defaults."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +151,7 @@ def start_agent(
     full_env.update(env or {})
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    agent = AgentProcess(proc, port, metrics_port, state_dir, log_path)
+    agent = AgentProcess(proc, port, metrics_port, state_dir, log_path, credentials=credentials)
     if wait:
         try:
             agent.wait_healthy()

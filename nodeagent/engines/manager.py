@@ -420,7 +420,10 @@ class InstanceManager:
         ports = {r.spec.port for r in others}
         own = self._records.get(spec.instance_id)
         own_port = own.spec.port if own is not None and own.state in _ACTIVE else None
-        if spec.port and spec.port != own_port and not port_is_free(self._settings.host, spec.port):
+        # Probe only a port in range: bind() raises OverflowError beyond 65535 (found by
+        # bench/fuzz.py); validate_spec then reports the range.
+        probe = bool(spec.port) and spec.port != own_port and 1024 <= spec.port <= 65535
+        if probe and not port_is_free(self._settings.host, spec.port):
             ports.add(spec.port)
         validate_spec(
             spec, inventory=self._inventory(),

@@ -22,10 +22,12 @@ class CoordinatorProcess:
     address: str
     log_path: Path
     _channel: grpc.Channel | None = field(default=None, repr=False)
+    credentials: grpc.ChannelCredentials | None = None  # mTLS coordinators
 
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = (grpc.insecure_channel(self.address) if self.credentials is None
+                             else grpc.secure_channel(self.address, self.credentials))
         return self._channel
 
     def stub(self) -> cpb_grpc.CoordinatorStub:
@@ -52,8 +54,10 @@ class CoordinatorProcess:
         return self.proc.returncode
 
 
-def start_coordinator(workdir: Path, port: int, *extra: str) -> CoordinatorProcess:
-    """`coordinator` on 127.0.0.1:port with workdir/topology.yaml and workdir/c.db."""
+def start_coordinator(workdir: Path, port: int, *extra: str,
+                      credentials: grpc.ChannelCredentials | None = None) -> CoordinatorProcess:
+    """`coordinator` on 127.0.0.1:port with workdir/topology.yaml and workdir/c.db.
+    credentials: what the health probe and channel() use (mTLS coordinators)."""
     address = f"127.0.0.1:{port}"
     log_path = workdir / f"coordinator-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
@@ -62,7 +66,7 @@ def start_coordinator(workdir: Path, port: int, *extra: str) -> CoordinatorProce
              "--topology", str(workdir / "topology.yaml"), "--db", str(workdir / "c.db"),
              "--persist-interval-s", "0.2", "--action-timeout-s", "5", *extra],
             stdout=log, stderr=subprocess.STDOUT)
-    coord = CoordinatorProcess(proc, address, log_path)
+    coord = CoordinatorProcess(proc, address, log_path, credentials=credentials)
     health = health_pb2_grpc.HealthStub(coord.channel())
 
     def serving() -> bool:

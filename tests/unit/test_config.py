@@ -47,6 +47,7 @@ def test_all_cli_flags_map_to_fields() -> None:
         "--listen", "0.0.0.0:1", "--state-dir", "/tmp/x", "--metrics-listen", "",
         "--node-id", "n", "--labels", "aisle=a", "--coordinator", "c:50050",
         "--sim-load", "demo", "--interval-s", "0.5", "--log-level", "debug",
+        "--insecure",  # plaintext on 0.0.0.0 and to c:50050 must be allowed explicitly
     ]  # fmt: skip
     cfg = load_config(argv, environ={})
     assert (cfg.sim.gpus, cfg.sim.gpu_type, cfg.sim.load) == (2, "a100-40gb", "demo")
