@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import structlog
 
 from coordinator.core import CoordinatorCore
 from coordinator.registry import NodeRecord
+from coordinator.security import check_agent_node
 from coordinator.session import AgentSession
 from coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from nodeagent import errors
+from nodeagent.authz import Principal
 
 Msg = coordinator_pb2.CoordinatorMessage
 
 
 class AgentLinkServicer(coordinator_pb2_grpc.AgentLinkServicer):
-    def __init__(self, core: CoordinatorCore) -> None:
+    def __init__(self, core: CoordinatorCore,
+                 identify: Callable[[Any], Principal | None] = lambda _context: None) -> None:
+        """identify: the authenticated caller (coordinator.security.caller); None: auth off."""
         self._core = core
+        self._identify = identify
         self._log = structlog.get_logger().bind(component="link")
         self.connected = 0
 
@@ -31,6 +37,7 @@ class AgentLinkServicer(coordinator_pb2_grpc.AgentLinkServicer):
                                 "the first message on AgentLink.Connect must be a Register")
         session = AgentSession(first.register.node_id)
         try:
+            check_agent_node(self._identify(context), first.register.node_id)
             rec, registered = self._core.register(first.register, session)
         except errors.DomainError as err:
             await context.abort(errors.grpc_code(err), str(err))
@@ -40,6 +47,7 @@ class AgentLinkServicer(coordinator_pb2_grpc.AgentLinkServicer):
             yield Msg(registered=registered)
             while (msg := await session.outbox.get()) is not None:
                 yield msg
+                session.outbox.task_done()  # resumed after the write: AgentSession.written()
         finally:
             self.connected -= 1
             reader.cancel()

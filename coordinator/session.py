@@ -21,6 +21,14 @@ class AgentSession:
             raise Unavailable(f"node {self.node_id} is not connected", field="node_id")
         self.outbox.put_nowait(msg)
 
+    async def written(self, timeout_s: float) -> bool:
+        """Wait until everything queued so far was handed to the transport (False on timeout)."""
+        try:
+            await asyncio.wait_for(self.outbox.join(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     async def apply_plan(self, plan: agent_pb2.Plan,
                          timeout_s: float) -> agent_pb2.ApplyPlanResponse:
         """Send a plan over the stream and wait for the agent's plan_result."""
@@ -36,6 +44,23 @@ class AgentSession:
             ) from e
         finally:
             self._pending.pop(plan.plan_id, None)
+
+    async def request(self, msg: coordinator_pb2.CoordinatorMessage, request_id: str,
+                      timeout_s: float) -> agent_pb2.ApplyPlanResponse:
+        """Send any message answered by a plan_result with plan_id=request_id (emergency caps,
+        pre-armed caps) and wait for it. The message is queued before the first await."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        try:
+            self.send(msg)
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError as e:
+            raise Unavailable(
+                f"node {self.node_id} did not answer {request_id} within {timeout_s:g} s",
+                field="node_id",
+            ) from e
+        finally:
+            self._pending.pop(request_id, None)
 
     def resolve(self, result: agent_pb2.ApplyPlanResponse) -> bool:
         """Hand a plan_result to its waiter; False when nobody waits for it (late or unknown)."""

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent.actuation import Actuator, check_failsafe_w, failsafe_ceilings_w
 from nodeagent.clock import Clock, SystemClock
 from nodeagent.config import AgentConfig, ConfigError, load_config
+from nodeagent.emergency import EmergencyGuard
 from nodeagent.errors import DomainError
 from nodeagent.gpu.backend import GpuBackend
 from nodeagent.journal import Journal, JournalError
@@ -27,6 +28,7 @@ from nodeagent.logging import configure_logging, get_logger
 from nodeagent.metrics import serve_metrics
 from nodeagent.sampler import NodeIdentity, SafetyView, Sampler
 from nodeagent.sdnotify import Notifier
+from nodeagent.security import agent_security
 from nodeagent.server import AgentServer, NodeAgentServicer
 from nodeagent.thermal_guard import GuardSettings, ThermalGuard
 
@@ -120,6 +122,7 @@ class Agent:
 
 
 def build_agent(cfg: AgentConfig, clock: Clock, log: Any) -> Agent:
+    security = agent_security(cfg, log)  # mTLS and authorization (docs/SECURITY.md); first
     try:
         backend = make_backend(cfg, clock)
     except DomainError as err:
@@ -135,18 +138,22 @@ def build_agent(cfg: AgentConfig, clock: Clock, log: Any) -> Agent:
     lease_keeper = _make_lease_keeper(cfg, backend, actuator, clock, log)
     sampler = _make_sampler(cfg, backend, actuator, notifier, clock, log, lease_keeper.view)
     servicer = NodeAgentServicer(actuator, sampler, clock)
-    server = AgentServer(servicer, cfg.listen)
+    server = AgentServer(
+        servicer, cfg.listen, tls=security.tls, interceptors=security.interceptors
+    )
     agent = Agent(
         cfg, backend, actuator, sampler, servicer, server, notifier, log, lease_keeper=lease_keeper
     )
     if cfg.coordinator.address:
         c = cfg.coordinator
         settings = LinkSettings(
-            c.address, c.report_interval_s, c.reconnect_initial_s, c.reconnect_max_s
+            c.address, c.report_interval_s, c.reconnect_initial_s, c.reconnect_max_s,
+            credentials=security.link_credentials,
         )
         agent.link = CoordinatorLink(
             settings, servicer.latest_node, actuator, lease_keeper, clock, log,
             on_change=sampler.mark_changed,
+            emergency=EmergencyGuard(actuator, actuator.gpu_indices, clock, log),
         )
     return agent
 

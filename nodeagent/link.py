@@ -23,6 +23,7 @@ from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc
 from nodeagent import actuation as act
 from nodeagent.clock import Clock
+from nodeagent.emergency import EmergencyGuard
 from nodeagent.errors import DomainError, grpc_code
 from nodeagent.lease import LeaseKeeper
 from nodeagent.server import plan_from_pb, plan_outcome_to_pb
@@ -51,6 +52,7 @@ class LinkSettings:
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 10.0
     lease_tick_s: float = 0.1
+    credentials: grpc.ChannelCredentials | None = None  # mTLS; None: plaintext
 
 
 def run_plan(actuator: PlanActuator, plan: agent_pb2.Plan) -> agent_pb2.ApplyPlanResponse:
@@ -77,9 +79,12 @@ class CoordinatorLink:
         clock: Clock,
         log: Any,
         on_change: Callable[[], None] = lambda: None,
+        emergency: EmergencyGuard | None = None,
     ) -> None:
         """on_change: called after each plan ran (e.g. the sampler's mark_changed, so that the
-        next snapshot and report show the effect)."""
+        next snapshot and report show the effect). emergency: emergency caps and the pre-armed
+        fallback (applied at once when the stream is lost during an emergency)."""
+        self._emergency = emergency
         self._s = settings
         self._snapshot = snapshot
         self._on_change = on_change
@@ -136,6 +141,8 @@ class CoordinatorLink:
     async def _lease_ticker(self) -> None:
         while True:
             await asyncio.to_thread(self._lease.tick)
+            if self._emergency is not None:
+                await asyncio.to_thread(self._emergency.tick)
             await asyncio.sleep(self._s.lease_tick_s)
 
     async def _connect_forever(self) -> None:
@@ -166,7 +173,7 @@ class CoordinatorLink:
         )
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self._s.address) as channel:
+        async with self._channel() as channel:
             call = coordinator_pb2_grpc.AgentLinkStub(channel).Connect()
             await call.write(cpb.AgentMessage(register=self._register()))
             first = await call.read()
@@ -179,6 +186,13 @@ class CoordinatorLink:
                 raise SessionEnded(_describe(err)) from err
             finally:
                 self.connected = False
+                if self._emergency is not None:
+                    self._emergency.link_up(False)
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self._s.credentials is None:
+            return grpc.aio.insecure_channel(self._s.address)
+        return grpc.aio.secure_channel(self._s.address, self._s.credentials)
 
     def _register(self) -> cpb.Register:
         node = self._snapshot()
@@ -194,6 +208,8 @@ class CoordinatorLink:
 
     def _on_registered(self, reg: cpb.Registered) -> None:
         self.connected, self.epoch, self.topology_known = True, reg.epoch, reg.topology_known
+        if self._emergency is not None:
+            self._emergency.link_up(True)
         self._log.info(
             "registered with coordinator", epoch=reg.epoch, topology_known=reg.topology_known
         )
@@ -209,7 +225,7 @@ class CoordinatorLink:
             for c in (
                 self._write(call, outbox),
                 self._report(outbox),
-                self._read(call, plans),
+                self._read(call, plans, outbox),
                 self._run_plans(plans, outbox),
             )
         ]
@@ -236,13 +252,21 @@ class CoordinatorLink:
             outbox.put_nowait(cpb.AgentMessage(report=report))
             await asyncio.sleep(self._s.report_interval_s)
 
-    async def _read(self, call: Any, plans: asyncio.Queue[agent_pb2.Plan]) -> None:
+    async def _read(self, call: Any, plans: asyncio.Queue[agent_pb2.Plan],
+                    outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
         while (msg := await call.read()) is not grpc.aio.EOF:
             kind = msg.WhichOneof("kind")
             if kind == "lease":
                 await asyncio.to_thread(self._lease.grant, msg.lease)
             elif kind == "plan":
                 plans.put_nowait(msg.plan)
+            elif kind in ("emergency", "prearm") and self._emergency is not None:
+                # At once, not queued behind plans (an instance start can take a minute).
+                handle = (self._emergency.directive if kind == "emergency"
+                          else self._emergency.prearm)
+                answer = await asyncio.to_thread(handle, getattr(msg, kind))
+                self._on_change()
+                outbox.put_nowait(cpb.AgentMessage(plan_result=answer))
             else:
                 self._log.warning("unexpected message from coordinator", kind=kind)
         raise LinkError("the coordinator closed the stream")

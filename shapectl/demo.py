@@ -5,6 +5,11 @@ starts the coordinator and N `nodeagent --backend sim --sim-load demo` processes
 each in its own process group, and shows the status view until --for SECONDS have passed after
 every node reported (or Ctrl-C). Then it stops everything it started and, with --json, prints the
 final `status --json` object on stdout (the live view goes to stderr then).
+
+The scripted UPS failure (--ups-failure-at S, default 20 s after every node reported): row r1's
+feed drops to 75 % (`shapectl emergency declare --row r1 --capacity 0.75`); the live view shows
+the emergency's timeline; --ups-restore-after S later it is cleared and the caps relax in steps.
+With --json the output gains "emergency": the final `emergency show --json` object.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from typing import Any
 
 import grpc
 import yaml
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from coordinator.v1 import emergency_pb2 as epb
+from coordinator.v1 import emergency_pb2_grpc as epb_grpc
 from nodeagent.gpu.models import gpu_model
 from nodeagent.gpu.server_model import server_model_for
 
@@ -51,6 +58,10 @@ def register(subparsers: Any) -> None:
                    help="stop after this long once all nodes report (default: until Ctrl-C)")
     p.add_argument("--json", action="store_true", help="print the final status JSON on stdout")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, state, db)")
+    p.add_argument("--ups-failure-at", type=float, default=20.0, metavar="S",
+                   help="row r1's UPS fails S seconds after every node reported (<0: never)")
+    p.add_argument("--ups-restore-after", type=float, default=30.0, metavar="S",
+                   help="clear the UPS emergency S seconds after it was declared")
     p.set_defaults(func=cmd_demo)
 
 
@@ -159,23 +170,89 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"demo: coordinator on {cluster.coordinator_addr}, {args.nodes} sim nodes; "
                   f"logs in {workdir}; Ctrl-C stops", soft_wrap=True)
     final = None
+    ups = UpsScript(cluster.coordinator_addr, args.ups_failure_at, args.ups_restore_after)
     try:
         try:
-            final = show_live(console, cluster, args.nodes, args.for_s)
+            final = show_live(console, cluster, args.nodes, args.for_s, ups)
         except KeyboardInterrupt:
             console.print("demo: stopping")
         final = _try_status(cluster_status, cluster.coordinator_addr) or final
+        ups.refresh()
     finally:
         cluster.stop()
         signal.signal(signal.SIGTERM, previous_term)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
-        print(json.dumps(status_json(final) if final is not None else {}))
+        out = status_json(final) if final is not None else {}
+        if ups.status is not None:
+            from shapectl.emergency_cmds import status_json as emergency_json
+
+            out["emergency"] = emergency_json(ups.status)
+        print(json.dumps(out))
     return 0 if final is not None else 1
 
 
-def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | None) -> Any:
+class UpsScript:
+    """Declares row r1's UPS failure at a time after every node reported, clears it later."""
+
+    def __init__(self, address: str, fail_at_s: float, restore_after_s: float) -> None:
+        self._address = address
+        self._fail_at_s = fail_at_s
+        self._restore_after_s = restore_after_s
+        self.emergency_id = ""
+        self.status: Any = None
+        self._declared_mono_s: float | None = None
+        self._cleared = False
+        self.error = ""
+
+    def step(self, since_all_up_s: float) -> None:
+        """Call each refresh; since_all_up_s counts from the moment every node reported."""
+        if self._fail_at_s < 0 or self.error:
+            return
+        if not self.emergency_id and since_all_up_s >= self._fail_at_s:
+            self._call(lambda stub: self._declare(stub))
+        elif (self.emergency_id and not self._cleared and self._declared_mono_s is not None
+              and time.monotonic() - self._declared_mono_s >= self._restore_after_s):
+            self._call(lambda stub: stub.ClearEmergency(epb.ClearEmergencyRequest(
+                emergency_id=self.emergency_id, note="demo: UPS restored"), timeout=5))
+            self._cleared = True
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.emergency_id and not self.error:
+            self._call(lambda stub: setattr(self, "status", stub.GetEmergency(
+                epb.GetEmergencyRequest(emergency_id=self.emergency_id), timeout=5)))
+
+    def _declare(self, stub: Any) -> None:
+        status = stub.DeclareEmergency(epb.DeclareEmergencyRequest(
+            scope="row", name="r1", kind="power", capacity_frac=0.75, source="demo: UPS failure",
+            note="scripted by shapectl demo"), timeout=5)
+        self.emergency_id, self.status = status.emergency_id, status
+        self._declared_mono_s = time.monotonic()
+
+    def _call(self, fn: Any) -> None:
+        try:
+            with grpc.insecure_channel(self._address) as channel:
+                fn(epb_grpc.EmergencyStub(channel))
+        except grpc.RpcError as err:  # shown in the view; the demo goes on without it
+            self.error = f"{err.code().name}: {err.details()}"
+
+    def view(self) -> Any:
+        if self.error:
+            return Text(f"UPS script: {self.error}", style="bold red")
+        if self.status is None:
+            when = ("never" if self._fail_at_s < 0
+                    else f"{self._fail_at_s:g} s after all nodes report")
+            return Text(f"scripted UPS failure on row r1: {when}")
+        from shapectl.emergency_cmds import summary_text, timeline_table
+
+        return Group(Text(summary_text(self.status), style="bold yellow"),
+                     timeline_table(self.status, last=12))
+
+
+def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | None,
+              ups: UpsScript) -> Any:
     """The status view, refreshed until for_s after every node reported (for_s None: forever).
     Returns the last status seen (None if the coordinator never answered)."""
     from shapectl.cluster_cmds import cluster_status, status_view
@@ -188,9 +265,11 @@ def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | Non
             status = _try_status(cluster_status, cluster.coordinator_addr)
             if status is not None:
                 last = status
-                live.update(status_view(status), refresh=True)
                 if all_up_at is None and _all_reported(status, nodes):
                     all_up_at = time.monotonic()
+                if all_up_at is not None:
+                    ups.step(time.monotonic() - all_up_at)
+                live.update(Group(status_view(status), ups.view()), refresh=True)
             if all_up_at is None and time.monotonic() - started > STARTUP_TIMEOUT_S:
                 console.print(f"demo: not every node reported within {STARTUP_TIMEOUT_S:g} s; "
                               f"see the logs in {cluster.workdir}")

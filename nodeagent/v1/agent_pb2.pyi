@@ -496,3 +496,57 @@ class ListInstancesResponse(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
     def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class EmergencyDirective(_message.Message):
+    __slots__ = ("directive_id", "epoch", "emergency_id", "active", "capacity_frac", "gpu_power_ceiling_w", "has_caps", "fallback_after_s", "reason")
+    class GpuPowerCeilingWEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    DIRECTIVE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EMERGENCY_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FRAC_FIELD_NUMBER: _ClassVar[int]
+    GPU_POWER_CEILING_W_FIELD_NUMBER: _ClassVar[int]
+    HAS_CAPS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    directive_id: str
+    epoch: int
+    emergency_id: str
+    active: bool
+    capacity_frac: float
+    gpu_power_ceiling_w: _containers.ScalarMap[int, float]
+    has_caps: bool
+    fallback_after_s: float
+    reason: str
+    def __init__(self, directive_id: _Optional[str] = ..., epoch: _Optional[int] = ..., emergency_id: _Optional[str] = ..., active: _Optional[bool] = ..., capacity_frac: _Optional[float] = ..., gpu_power_ceiling_w: _Optional[_Mapping[int, float]] = ..., has_caps: _Optional[bool] = ..., fallback_after_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class EmergencyPrearm(_message.Message):
+    __slots__ = ("prearm_id", "epoch", "levels")
+    PREARM_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    prearm_id: str
+    epoch: int
+    levels: _containers.RepeatedCompositeFieldContainer[PrearmedLevel]
+    def __init__(self, prearm_id: _Optional[str] = ..., epoch: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[PrearmedLevel, _Mapping]]] = ...) -> None: ...
+
+class PrearmedLevel(_message.Message):
+    __slots__ = ("capacity_frac", "gpu_power_ceiling_w")
+    class GpuPowerCeilingWEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    CAPACITY_FRAC_FIELD_NUMBER: _ClassVar[int]
+    GPU_POWER_CEILING_W_FIELD_NUMBER: _ClassVar[int]
+    capacity_frac: float
+    gpu_power_ceiling_w: _containers.ScalarMap[int, float]
+    def __init__(self, capacity_frac: _Optional[float] = ..., gpu_power_ceiling_w: _Optional[_Mapping[int, float]] = ...) -> None: ...

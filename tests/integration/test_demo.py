@@ -49,6 +49,25 @@ def test_demo_for_seconds_shows_all_nodes_and_stops_everything() -> None:
     assert leftovers(workdir_of(out.stderr)) == []
 
 
+def test_demo_scripted_ups_failure_brings_row_r1_under_its_new_limit() -> None:
+    out = run_cli("shapectl", "demo", "--nodes", "4", "--gpus", "2", "--for", "6",
+                  "--ups-failure-at", "0.5", "--ups-restore-after", "60", "--json", timeout_s=120)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    emergency = status["emergency"]
+    assert (emergency["scope"], emergency["name"], emergency["state"]) == ("row", "r1", "active")
+    assert emergency["capacity_frac"] == 0.75
+    r1 = next(r for r in status["rows"] if r["name"] == "r1")
+    assert emergency["power_limit_w"] == r1["power_limit_w"] * 0.75
+    assert emergency["under_limit_s"] >= 0  # the coordinator saw the row under its new limit
+    kinds = [e["kind"] for e in emergency["timeline"]]
+    assert kinds[0] == "declared"
+    assert kinds.count("caps_acked") == 2  # both r1 nodes acknowledged their caps
+    assert {e["node_id"] for e in emergency["timeline"] if e["kind"] == "caps_acked"} == {
+        "node-01", "node-02"}
+    assert leftovers(workdir_of(out.stderr)) == []
+
+
 def test_demo_stops_cleanly_on_ctrl_c() -> None:
     proc = subprocess.Popen([*console_script("shapectl"), "demo", "--nodes", "2", "--gpus", "1",
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
