@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,40 @@ from prometheus_client import start_http_server
 from coordinator import metrics
 from coordinator.admin_server import CoordinatorServicer
 from coordinator.core import CoordinatorCore
+from coordinator.emergency import (
+    EmergencyController,
+    add_emergency_args,
+    emergency_settings_from_args,
+)
+from coordinator.emergency_server import add_emergency_service
+from coordinator.emergency_store import EmergencyStore
 from coordinator.leases import LeasePolicy
 from coordinator.link_server import AgentLinkServicer
+from coordinator.plan_store import PlanStore
+from coordinator.rebalance_server import add_rebalance_services, routes_json
+from coordinator.rebalancer import (
+    Rebalancer,
+    add_rebalance_args,
+    load_profile_rows,
+    rebalance_settings_from_args,
+)
+from coordinator.routes_http import start_routes_http
+from coordinator.security import (
+    CoordinatorSecurity,
+    add_security_args,
+    caller,
+    interceptors,
+    security_from_args,
+)
 from coordinator.store import Store
 from coordinator.topology import Topology, load_topology
 from coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from nodeagent.authz import Authorizer
 from nodeagent.clock import Clock, SystemClock
 from nodeagent.errors import DomainError, out_of_range
 from nodeagent.logging import configure_logging
 from nodeagent.sdnotify import Notifier
+from nodeagent.transport import bind
 
 EXIT_CONFIG = 2
 SLOW_FLUSH_S = 0.05
@@ -58,6 +84,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--persist-batch", type=int, default=100, metavar="N",
                    help="at most N nodes per write, oldest change first (bounds the pause)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_security_args(p)  # --tls-cert --tls-key --tls-ca --auth-tokens --insecure
+    add_emergency_args(p)  # --emergency-*: margins, fallback, clearing steps, detection
+    add_rebalance_args(p)  # --rebalance-*, --profiles, --routes-listen
     return p
 
 
@@ -76,12 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise out_of_range(name, value, low, high, "s")
         if not 1 <= args.persist_batch <= 100_000:
             raise out_of_range("persist_batch", args.persist_batch, 1, 100_000)
+        security = security_from_args(args)
+        args.emergency = emergency_settings_from_args(args)
+        args.rebalance = rebalance_settings_from_args(args)
+        args.profile_rows = load_profile_rows(args.profiles)
     except DomainError as err:
         log.error("config_invalid", field=err.field, error=str(err))
         print(f"coordinator: {err}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        asyncio.run(serve(args, topology, lease_policy, SystemClock()))
+        asyncio.run(serve(args, topology, lease_policy, SystemClock(), security))
     except (OSError, sqlite3.Error) as err:
         log.error("start_failed", error=str(err))
         print(f"coordinator: {err}", file=sys.stderr)
@@ -90,19 +123,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def serve(args: argparse.Namespace, topology: Topology, lease_policy: LeasePolicy,
-                clock: Clock) -> None:
+                clock: Clock, security: CoordinatorSecurity | None = None) -> None:
     log = structlog.get_logger().bind(component="coordinator")
+    security = security or CoordinatorSecurity()
+    if security.plaintext_warning:
+        log.warning("insecure_plaintext", listen=args.listen,
+                    note="plaintext gRPC on a non-loopback address (--insecure)")
     store = Store(args.db)
     store.save_topology(str(args.topology), args.topology.read_text(), clock.time())
     epoch = store.bump_epoch()  # every start: plans and leases of the previous run are older
     core = CoordinatorCore(topology, store, clock, epoch=epoch, lease_policy=lease_policy,
                            action_timeout_s=args.action_timeout_s,
                            instance_action_timeout_s=args.instance_action_timeout_s)
-    server, health_servicer = await build_server(core)
-    port = server.add_insecure_port(args.listen)
+    emergencies = EmergencyController(core, EmergencyStore(args.db), args.emergency,
+                                      random.Random())
+    rebalancer = Rebalancer(core, PlanStore(args.db), args.profile_rows, args.rebalance)
+    identify = caller(security.authorizer())
+    server, health_servicer = await build_server(core, security.authorizer(), extra=(
+        lambda s: add_emergency_service(s, emergencies, identify),
+        lambda s: add_rebalance_services(s, rebalancer, identify)))
+    port = bind(server, args.listen, security.tls)
     if port == 0:
         raise OSError(f"cannot listen on --listen={args.listen}")
     http = _start_metrics(args.metrics_listen, core)
+    routes_http = (start_routes_http(args.routes_listen,
+                                     lambda e, m: routes_json(rebalancer, e, m),
+                                     asyncio.get_running_loop())
+                   if args.routes_listen else None)
     await server.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,9 +157,11 @@ async def serve(args: argparse.Namespace, topology: Topology, lease_policy: Leas
     notifier = Notifier()
     notifier.ready(f"epoch {epoch}, {len(core.registry)} known nodes")
     log.info("coordinator_started", listen=args.listen, port=port, epoch=epoch,
+             tls=security.tls is not None, auth=security.authorizer() is not None,
              nodes=len(core.registry), db=str(args.db))
     flush = _flush_loop(core, args.persist_interval_s, args.persist_batch)
-    background = [asyncio.create_task(flush), asyncio.create_task(_watchdog_loop(notifier))]
+    background = [asyncio.create_task(flush), asyncio.create_task(_watchdog_loop(notifier)),
+                  asyncio.create_task(emergencies.run()), asyncio.create_task(rebalancer.run())]
     await stop.wait()
 
     log.info("coordinator_stopping")
@@ -126,6 +175,8 @@ async def serve(args: argparse.Namespace, topology: Topology, lease_policy: Leas
     store.close()
     if http is not None:
         http.shutdown()
+    if routes_http is not None:
+        routes_http.shutdown()
     log.info("coordinator_stopped", epoch=epoch)
 
 
@@ -140,17 +191,25 @@ def _start_metrics(listen: str, core: CoordinatorCore) -> Any:
 
 
 async def build_server(
-    core: CoordinatorCore,
+    core: CoordinatorCore, authorizer: Authorizer | None = None,
+    extra: Sequence[Callable[[grpc.aio.Server], list[str]]] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """AgentLink + Coordinator + health + reflection on one aio server (not yet bound)."""
-    server = grpc.aio.server()
-    link = AgentLinkServicer(core)
+    """AgentLink + Coordinator + health + reflection on one aio server (not yet bound).
+    authorizer: None = no authorization (loopback dev mode); else one interceptor checks roles.
+    extra: more services to register, each returning its full names (listed by reflection and
+    reported SERVING by health like the built-in ones)."""
+    server = grpc.aio.server(interceptors=interceptors(authorizer, core))
+    identify = caller(authorizer)
+    link = AgentLinkServicer(core, identify=identify)
     coordinator_pb2_grpc.add_AgentLinkServicer_to_server(link, server)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(core, link), server)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorServicer(core, link, identify=identify), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [coordinator_pb2.DESCRIPTOR.services_by_name[s].full_name
              for s in ("AgentLink", "Coordinator")]
+    for add in extra:
+        names.extend(add(server))
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME],

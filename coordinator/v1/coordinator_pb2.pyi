@@ -65,14 +65,18 @@ class Registered(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., topology_known: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("registered", "lease", "plan")
+    __slots__ = ("registered", "lease", "plan", "emergency", "prearm")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    EMERGENCY_FIELD_NUMBER: _ClassVar[int]
+    PREARM_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     lease: _agent_pb2.Lease
     plan: _agent_pb2.Plan
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., lease: _Optional[_Union[_agent_pb2.Lease, _Mapping]] = ..., plan: _Optional[_Union[_agent_pb2.Plan, _Mapping]] = ...) -> None: ...
+    emergency: _agent_pb2.EmergencyDirective
+    prearm: _agent_pb2.EmergencyPrearm
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., lease: _Optional[_Union[_agent_pb2.Lease, _Mapping]] = ..., plan: _Optional[_Union[_agent_pb2.Plan, _Mapping]] = ..., emergency: _Optional[_Union[_agent_pb2.EmergencyDirective, _Mapping]] = ..., prearm: _Optional[_Union[_agent_pb2.EmergencyPrearm, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

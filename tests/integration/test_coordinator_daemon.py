@@ -70,8 +70,9 @@ def test_reflection_metrics_and_graceful_sigterm(tmp_path: Path) -> None:
     try:
         db = ProtoReflectionDescriptorDatabase(coord.channel())
         services = set(db.get_services())
-        assert {"shapeshifter.coordinator.v1.Coordinator", "shapeshifter.coordinator.v1.AgentLink",
-                "grpc.health.v1.Health"} <= services
+        v1 = "shapeshifter.coordinator.v1"
+        assert {f"{v1}.Coordinator", f"{v1}.AgentLink", f"{v1}.Emergency", f"{v1}.Planner",
+                f"{v1}.Placement", f"{v1}.Routing", "grpc.health.v1.Health"} <= services
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}

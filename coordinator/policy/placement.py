@@ -1,0 +1,142 @@
+"""Placement for cluster managers (TAPAS §4.1/§4.5, DESIGN §5 "Place"). Pure.
+
+    place(request, snapshot, limits) -> list[RankedNode]      (best first; empty: nowhere)
+
+A request is an opaque GPU VM/job (GPU count, predicted peak power, workload "opaque") or an
+LLM instance ("flexible": its configuration can be reshaped later). Nodes are filtered out when
+they lack free GPUs of the type, or when the request's predicted peak would take their row over
+its power limit, their aisle over its airflow limit, or a GPU past its thermal headroom. The
+rest are ranked: first the row whose opaque/flexible mix stays closest to the cluster's (so
+every row keeps load that can be shed), then opaque loads to cooler servers and flexible loads
+to warmer ones (flexible loads absorb thermal emergencies by reshaping).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from coordinator.policy.ledger import gpu_temp_c, gpu_temp_limit_c, node_power_w, shape_of
+from coordinator.policy.model import ClusterSnapshot, GpuState, Limits, NodeState
+from nodeagent.errors import InvalidArgument, out_of_range
+
+WORKLOADS = ("opaque", "flexible")
+
+
+@dataclass(frozen=True)
+class PlaceRequest:
+    gpus: int  # GPUs wanted on one node
+    predicted_peak_power_w: float  # of all its GPUs together
+    workload: str = "opaque"  # opaque | flexible
+    gpu_type: str = ""  # "" = any type
+
+
+@dataclass(frozen=True)
+class RankedNode:
+    node_id: str
+    row: str
+    aisle: str
+    gpu_indices: tuple[int, ...]  # the free GPUs it would get (coolest first)
+    inlet_temp_c: float
+    row_power_after_w: float
+    row_mix_opaque_frac_after: float
+    reason: str
+
+
+def validate_request(request: PlaceRequest) -> PlaceRequest:
+    if not 1 <= request.gpus <= 64:
+        raise out_of_range("gpus", request.gpus, 1, 64)
+    if not 0 <= request.predicted_peak_power_w <= 64 * 1000:
+        raise out_of_range("predicted_peak_power_w", request.predicted_peak_power_w, 0, 64_000,
+                           "W")
+    if request.workload not in WORKLOADS:
+        raise InvalidArgument(f"workload={request.workload!r} is unknown; allowed: "
+                              f"{', '.join(WORKLOADS)}", field="workload")
+    return request
+
+
+def _free_gpus(node: NodeState, busy: set[tuple[str, int]], gpu_type: str) -> list[GpuState]:
+    return [g for g in node.gpus
+            if g.healthy and not g.reserved and (node.node_id, g.index) not in busy
+            and not any(s.in_use for s in g.mig_slices)
+            and (not gpu_type or g.gpu_type == gpu_type)]
+
+
+def _mix(snapshot: ClusterSnapshot, busy: set[tuple[str, int]]
+         ) -> tuple[dict[str, list[int]], list[int]]:
+    """Per row [opaque GPUs, flexible GPUs], and the cluster's totals."""
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for n in snapshot.nodes:
+        for g in n.gpus:
+            if g.reserved:
+                rows[n.row][0] += 1
+            elif (n.node_id, g.index) in busy:
+                rows[n.row][1] += 1
+    total = [sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())]
+    return rows, total
+
+
+def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits) -> list[RankedNode]:
+    """Nodes that can take the request within every limit, best first, each with a reason."""
+    validate_request(request)
+    busy = {(i.node_id, g) for i in snapshot.instances for g in i.gpu_indices}
+    row_w: dict[str, float] = defaultdict(float)
+    aisle_cfm: dict[str, float] = defaultdict(float)
+    for n in snapshot.nodes:
+        row_w[n.row] += n.power_draw_w
+        aisle_cfm[n.aisle] += n.airflow_cfm
+    mix_rows, mix_total = _mix(snapshot, busy)
+    opaque = request.workload == "opaque"
+    ranked = []
+    for n in snapshot.nodes:
+        r = _consider(request, n, busy, row_w, aisle_cfm, limits)
+        if r is None:
+            continue
+        o, f = mix_rows[n.row]
+        o, f = (o + request.gpus, f) if opaque else (o, f + request.gpus)
+        frac_after = o / (o + f)
+        cluster_frac = (mix_total[0] + (request.gpus if opaque else 0)) / (
+            sum(mix_total) + request.gpus)
+        imbalance = abs(frac_after - cluster_frac)
+        temp_key = n.inlet_temp_c if opaque else -n.inlet_temp_c
+        ranked.append(((round(imbalance, 1), temp_key, n.node_id), RankedNode(
+            n.node_id, n.row, n.aisle, r[0], n.inlet_temp_c, r[1], frac_after,
+            f"{r[2]}; inlet {n.inlet_temp_c:.1f} C ({'cooler' if opaque else 'warmer'} is "
+            f"better for {request.workload} loads); row {n.row} opaque share "
+            f"{frac_after:.0%} after vs cluster {cluster_frac:.0%}")))
+    ranked.sort(key=lambda kr: kr[0])
+    return [r for _, r in ranked]
+
+
+def _consider(request: PlaceRequest, n: NodeState, busy: set[tuple[str, int]],
+              row_w: dict[str, float], aisle_cfm: dict[str, float], limits: Limits
+              ) -> tuple[tuple[int, ...], float, str] | None:
+    """(GPUs, row power after, reason) when the node passes every filter, else None."""
+    free = _free_gpus(n, busy, request.gpu_type)
+    if len(free) < request.gpus:
+        return None
+    per_gpu_w = request.predicted_peak_power_w / request.gpus
+    free = [g for g in free
+            if gpu_temp_c(n.inlet_temp_c, g.gpu_type, per_gpu_w)
+            <= gpu_temp_limit_c(g.gpu_type, limits)]
+    if len(free) < request.gpus:
+        return None
+    chosen = sorted(free, key=lambda g: (g.temperature_c, g.index))[:request.gpus]
+    shape = shape_of(n)
+    gpu_now_w = sum(g.power_draw_w for g in n.gpus)
+    added = sum(per_gpu_w - g.power_draw_w for g in chosen)
+    p0, a0 = node_power_w(shape, gpu_now_w)
+    p1, a1 = node_power_w(shape, gpu_now_w + max(added, 0.0))
+    row_after = row_w[n.row] + (p1 - p0)
+    aisle_after = aisle_cfm[n.aisle] + (a1 - a0)
+    row_limit = limits.row_power_limit_w.get(n.row)
+    aisle_limit = limits.aisle_airflow_cfm.get(n.aisle)
+    if row_limit is not None and row_after > row_limit:
+        return None
+    if aisle_limit is not None and aisle_after > aisle_limit:
+        return None
+    why = (f"row {n.row} peak {row_after:.0f} W"
+           + (f" of {row_limit:.0f} W" if row_limit is not None else "")
+           + f", aisle {n.aisle} {aisle_after:.0f} CFM"
+           + (f" of {aisle_limit:.0f} CFM" if aisle_limit is not None else ""))
+    return tuple(g.index for g in chosen), row_after, why

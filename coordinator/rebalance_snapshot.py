@@ -1,0 +1,216 @@
+"""From the nodes' reports to the policies' frozen inputs; demand measured and smoothed. Pure.
+
+- `EndpointDecl`: a declared endpoint (the policy's EndpointSpec plus where its model lives on
+  the nodes and an optional fixed demand), with its JSON document for the store.
+- `measured_rps`: one instance's request rate from its token rates: the query class is the
+  endpoint's, or the one whose representative prompt/output lengths (OASIS §4.1) are closest in
+  ratio to the measured prompt/generation token rates; requests/s = generated tokens/s divided
+  by that class's output length.
+- `DemandEstimator`: an EWMA per endpoint over those measurements (time constant smoothing_s).
+- `build_snapshot` / `limits_of`: NodeState, GpuState, MigSlice, InstanceState from the latest
+  reports; row power and aisle airflow limits from the topology.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from coordinator.policy.model import (
+    ClusterSnapshot,
+    EndpointSpec,
+    GpuState,
+    InstanceState,
+    Limits,
+    MigSlice,
+    NodeState,
+    validate_endpoint,
+)
+from coordinator.profiles.classes import CLASSES, DEFAULT_TAU_TOKENS, class_tokens
+from coordinator.profiles.schema import FULL_GPU, QueryClass
+from coordinator.registry import NodeRecord
+from coordinator.topology import Topology
+from nodeagent import errors
+from nodeagent.v1 import agent_pb2
+
+LIVE_STATES = ("STARTING", "READY", "DRAINING")
+MAX_DEMAND_RPS = 1e6
+
+
+@dataclass(frozen=True)
+class EndpointDecl:
+    spec: EndpointSpec
+    model_path: str = ""  # on the nodes; "" = spec.model
+    demand_rps: float = 0.0  # > 0: fixed demand instead of the measured one
+    query_class: str = ""  # "" = inferred from the token rates (LISO for a fixed demand)
+    updated_at_unix_s: float = 0.0
+
+    @property
+    def path(self) -> str:
+        return self.model_path or self.spec.model
+
+    def fixed_class(self) -> QueryClass:
+        return QueryClass(self.query_class or QueryClass.LISO)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["spec"]["model_paths"] = dict(self.spec.model_paths)
+        return doc
+
+    @staticmethod
+    def from_doc(doc: Mapping[str, Any]) -> EndpointDecl:
+        s = dict(doc["spec"])
+        for key in ("allowed_models", "allowed_quantizations"):
+            s[key] = tuple(s.get(key, ()))
+        return EndpointDecl(EndpointSpec(**s), doc.get("model_path", ""),
+                            float(doc.get("demand_rps", 0.0)), doc.get("query_class", ""),
+                            float(doc.get("updated_at_unix_s", 0.0)))
+
+
+def validate_decl(decl: EndpointDecl) -> EndpointDecl:
+    """Raise InvalidArgument naming the first bad field; return the declaration when valid."""
+    validate_endpoint(decl.spec)
+    if not 0 <= decl.demand_rps <= MAX_DEMAND_RPS:
+        raise errors.out_of_range("demand_rps", decl.demand_rps, 0, MAX_DEMAND_RPS, "req/s")
+    allowed = [str(c) for c in CLASSES]
+    if decl.query_class and decl.query_class not in allowed:
+        raise errors.InvalidArgument(f"query_class={decl.query_class!r} is unknown; allowed: "
+                                     f"{', '.join(allowed)}", field="query_class")
+    return decl
+
+
+# ---------------------------------------------------------------------- demand
+
+
+def infer_class(prompt_tok_s: float, gen_tok_s: float,
+                tau_tokens: int = DEFAULT_TAU_TOKENS) -> QueryClass:
+    """The class whose representative lengths are closest in prompt/output ratio (log scale).
+    SISO and LILO have the same ratio: SISO, the shorter, gives the larger request rate."""
+    ratio = math.log(max(prompt_tok_s, 1e-9) / max(gen_tok_s, 1e-9))
+
+    def distance(qc: QueryClass) -> float:
+        p, o = class_tokens(qc, tau_tokens)
+        return abs(math.log(p / o) - ratio)
+
+    return min(CLASSES, key=lambda qc: (distance(qc), qc != QueryClass.SISO))
+
+
+def measured_rps(metrics: agent_pb2.InstanceMetrics, query_class: str = "",
+                 tau_tokens: int = DEFAULT_TAU_TOKENS) -> tuple[QueryClass, float]:
+    """(class, requests/s) of one instance from its token rates; 0 req/s when idle."""
+    prompt, gen = metrics.prompt_tokens_per_s, metrics.generation_tokens_per_s
+    if prompt + gen <= 0:
+        return QueryClass(query_class or QueryClass.LISO), 0.0
+    qc = QueryClass(query_class) if query_class else infer_class(prompt, gen, tau_tokens)
+    _, output_tokens = class_tokens(qc, tau_tokens)
+    return qc, gen / output_tokens if gen > 0 else prompt / class_tokens(qc, tau_tokens)[0]
+
+
+@dataclass
+class DemandEstimator:
+    """EWMA of each endpoint's measured demand per class (time constant smoothing_s)."""
+
+    smoothing_s: float = 300.0
+    _rps: dict[str, dict[QueryClass, float]] = field(default_factory=dict)
+    _last_s: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, endpoint: str, sample: Mapping[QueryClass, float], now_s: float) -> None:
+        prev = self._rps.get(endpoint)
+        last = self._last_s.get(endpoint)
+        self._last_s[endpoint] = now_s
+        if prev is None or last is None or self.smoothing_s <= 0:
+            self._rps[endpoint] = dict(sample)
+            return
+        alpha = 1.0 - math.exp(-max(0.0, now_s - last) / self.smoothing_s)
+        keys = set(prev) | set(sample)
+        self._rps[endpoint] = {k: alpha * sample.get(k, 0.0) + (1 - alpha) * prev.get(k, 0.0)
+                               for k in keys}
+
+    def demand(self, endpoint: str) -> dict[QueryClass, float]:
+        return dict(self._rps.get(endpoint, {}))
+
+
+def sample_demand(records: Iterable[NodeRecord], decls: Mapping[str, EndpointDecl]
+                  ) -> dict[str, dict[QueryClass, float]]:
+    """The request rate each declared endpoint's live instances report now, per class."""
+    out: dict[str, dict[QueryClass, float]] = {name: {} for name in decls}
+    for rec in records:
+        for inst in rec.report.instances if rec.report is not None else ():
+            decl = decls.get(inst.spec.endpoint)
+            if decl is None or inst.state not in LIVE_STATES:
+                continue
+            qc, rps = measured_rps(inst.metrics, decl.query_class)
+            bucket = out[inst.spec.endpoint]
+            bucket[qc] = bucket.get(qc, 0.0) + rps
+    return out
+
+
+def demand_of(decl: EndpointDecl, estimator: DemandEstimator) -> dict[QueryClass, float]:
+    if decl.demand_rps > 0:
+        return {decl.fixed_class(): decl.demand_rps}
+    return estimator.demand(decl.spec.name)
+
+
+# ---------------------------------------------------------------------- snapshot
+
+
+def limits_of(topology: Topology, gpu_thermal_headroom_c: float = 5.0) -> Limits:
+    rows = {r.name: r.row_power_limit_w for s in topology.sites for r in s.rows}
+    aisles = {a.name: a.aisle_airflow_cfm for s in topology.sites for a in s.aisles}
+    return Limits(rows, aisles, gpu_thermal_headroom_c)
+
+
+def build_snapshot(records: Iterable[NodeRecord], topology: Topology,
+                   decls: Mapping[str, EndpointDecl],
+                   demand: Mapping[str, Mapping[QueryClass, float]], now_s: float,
+                   ) -> ClusterSnapshot:
+    nodes, instances = [], []
+    for rec in records:
+        if rec.report is None or rec.session is None:  # disconnected: not a bin this round
+            continue
+        nodes.append(node_state(rec, topology))
+        instances.extend(instance_states(rec.node_id, rec.report, decls))
+    return ClusterSnapshot(tuple(nodes), tuple(instances),
+                           tuple(d.spec for d in decls.values()),
+                           {k: dict(v) for k, v in demand.items()}, now_s)
+
+
+def node_state(rec: NodeRecord, topology: Topology) -> NodeState:
+    node = rec.report
+    assert node is not None
+    placement = rec.placement
+    row = placement.row if placement else node.labels.get("row", "")
+    aisle = placement.aisle if placement else node.labels.get("aisle", "")
+    inlet_c = topology.inlet_temp_c(placement, rec.node_id, 0.5) if placement else 25.0
+    used = {d for i in node.instances if i.state in LIVE_STATES for d in i.spec.devices}
+    gpus = tuple(GpuState(
+        g.index, g.gpu_type, g.power_draw_w, g.temperature_c, g.mig_enabled,
+        tuple(MigSlice(m.profile, m.uuid, m.uuid in used) for m in g.mig_instances),
+        g.healthy) for g in node.gpus)
+    return NodeState(rec.node_id, row, aisle, gpus, inlet_c, node.budget.node_power_w,
+                     node.budget.airflow_cfm, placement.rack if placement else "")
+
+
+def instance_states(node_id: str, node: agent_pb2.Node, decls: Mapping[str, EndpointDecl]
+                    ) -> list[InstanceState]:
+    slices = {m.uuid: (g.index, m.profile) for g in node.gpus for m in g.mig_instances}
+    out = []
+    for inst in node.instances:
+        if inst.state not in LIVE_STATES:
+            continue
+        s = inst.spec
+        on_mig = [slices[d] for d in s.devices if d in slices]
+        gpus = tuple(int(d) for d in s.devices if d.isdigit()) or tuple(g for g, _ in on_mig)
+        decl = decls.get(s.endpoint)
+        model = decl.spec.model if decl is not None and s.model_path == decl.path else s.model_path
+        m = inst.metrics
+        out.append(InstanceState(
+            s.instance_id, s.endpoint, node_id, gpus, model,
+            s.tensor_parallel_size or max(1, len(s.devices)), s.quantization or "none",
+            on_mig[0][1] if on_mig else FULL_GPU, None, inst.state == "READY", inst.routable,
+            m.requests_running, m.requests_waiting, max(0.0, m.kv_cache_usage_frac),
+            m.e2e_latency_p95_s, 0.0, inst.ready_at_unix_s or inst.started_at_unix_s,
+            s.devices[0] if on_mig else ""))
+    return out
