@@ -9,11 +9,22 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from shapectl import agent_cmds, cluster_cmds, instance_cmds, profile_cmds
+from shapectl import (
+    agent_cmds,
+    classify_cmds,
+    cluster_cmds,
+    emergency_cmds,
+    instance_cmds,
+    plan_cmds,
+    profile_cmds,
+    simulate_cmds,
+)
+from shapectl.channels import ChannelError, add_security_args, client_security
 from shapectl.targets import TargetError
 
 # Each module exposes register(subparsers); its subparsers set `func(args) -> int`.
-COMMAND_MODULES = [agent_cmds, instance_cmds, profile_cmds, cluster_cmds]
+COMMAND_MODULES = [agent_cmds, instance_cmds, profile_cmds, classify_cmds, cluster_cmds,
+                   simulate_cmds, emergency_cmds, plan_cmds]
 
 DEFAULT_COORDINATOR = "127.0.0.1:50050"
 
@@ -28,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinator address (default: $SHAPECTL_COORDINATOR or %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="RPC timeout")
+    add_security_args(parser, os.environ)  # --tls-cert --tls-key --tls-ca --token
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(subparsers)
@@ -38,11 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        args.security = client_security(args)
         return func(args)
     except grpc.RpcError as err:
         print(_one_line(f"error: {err.code().name}: {err.details()}"), file=sys.stderr)
         return 1
-    except TargetError as err:
+    except (TargetError, ChannelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

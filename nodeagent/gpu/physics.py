@@ -27,10 +27,15 @@ IDLE_ACTIVITY = 0.01  # below this the GPU drops to its idle clock ("gpu_idle")
 THERMAL_BAND_C = 4.0  # clocks fall from full at max-operating to the floor at slowdown + band
 
 
+def _relu(x: float) -> float:
+    """max(x, 0) with operators only, so the same formula serves floats and numpy arrays."""
+    return (x + abs(x)) * 0.5
+
+
 def power_w(activity: float, clock_mhz: float, max_clock_mhz: float, idle_power_w: float,
             dynamic_power_max_w: float) -> float:
-    """Board power at an activity (0..1) and SM clock."""
-    rel_clock = max(clock_mhz, 0.0) / max_clock_mhz
+    """Board power at an activity (0..1) and SM clock. Floats or numpy arrays."""
+    rel_clock = _relu(clock_mhz) / max_clock_mhz
     return idle_power_w + activity * dynamic_power_max_w * rel_clock**POWER_CLOCK_EXPONENT
 
 
@@ -48,17 +53,28 @@ def clock_for_power_cap_mhz(power_limit_w: float, activity: float, clocks_mhz: S
     return min(clocks_mhz)
 
 
+def clock_at_power_mhz(power_w_: float, activity: float, max_clock_mhz: float,
+                       idle_power_w: float, dynamic_power_max_w: float) -> float:
+    """`power_w` solved for the clock: the continuous clock that draws `power_w_` at `activity`.
+
+    Floats or numpy arrays (the simulator snaps it down to the clock table); activity must be > 0.
+    """
+    headroom_w = _relu(power_w_ - idle_power_w)
+    rel = headroom_w / (activity * dynamic_power_max_w)
+    return max_clock_mhz * rel ** (1.0 / POWER_CLOCK_EXPONENT)
+
+
 def thermal_clock_limit_mhz(temperature_c: float, max_operating_c: float, slowdown_c: float,
                             max_clock_mhz: float, min_clock_mhz: float) -> float:
     """The clock ceiling thermal management imposes at a temperature.
 
     Full clock up to the max operating temperature, then falling linearly to the minimum clock at
     slowdown + THERMAL_BAND_C, so a hot GPU settles near its slowdown temperature.
+    Floats or numpy arrays.
     """
-    if temperature_c <= max_operating_c:
-        return max_clock_mhz
     span_c = slowdown_c + THERMAL_BAND_C - max_operating_c
-    frac = min((temperature_c - max_operating_c) / span_c, 1.0)
+    frac = _relu(temperature_c - max_operating_c) / span_c
+    frac = frac - _relu(frac - 1.0)  # min(frac, 1)
     return max_clock_mhz - frac * (max_clock_mhz - min_clock_mhz)
 
 
@@ -68,9 +84,12 @@ def compute_share(decode_frac: float) -> float:
 
 
 def relative_throughput(clock_mhz: float, max_clock_mhz: float, decode_frac: float) -> float:
-    """Throughput at `clock_mhz` relative to the same work at `max_clock_mhz` (0..1]."""
+    """Throughput at `clock_mhz` relative to the same work at `max_clock_mhz` (0..1].
+
+    Floats or numpy arrays.
+    """
     share = compute_share(decode_frac)
-    step_time = (1.0 - share) + share * max_clock_mhz / max(clock_mhz, 1.0)
+    step_time = (1.0 - share) + share * max_clock_mhz / (1.0 + _relu(clock_mhz - 1.0))
     return 1.0 / step_time
 
 

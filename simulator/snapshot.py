@@ -1,0 +1,253 @@
+"""The simulator's state as the coordinator policies' inputs, and their outputs back as arrays.
+
+Pure builders: a `View` (numpy arrays) -> `coordinator.policy.model.ClusterSnapshot`/`Limits`
+(rebalance, placement, routing) or `coordinator.policy.shed.ShedSnapshot` (shedding); a rebalance
+`Plan` -> GPU indices to start and stop. Names: node "s<server>", row "row<r>", aisle
+"aisle<a>", endpoint "ep<e>", a running instance "g<gpu>" (one instance per GPU, TP1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.policy import shed as shed_policy
+from coordinator.policy.ledger import node_power_w, shape_of
+from coordinator.policy.model import (
+    ClusterSnapshot,
+    EndpointSpec,
+    GpuState,
+    InstanceState,
+    Limits,
+    NodeState,
+    Plan,
+)
+from coordinator.profiles.classes import class_tokens
+from coordinator.profiles.schema import QueryClass
+from simulator.state import NONE, READY, STARTING, View, Workload
+
+STOPPING_ENDPOINT = "(stopping)"  # instances being replaced: pinned, not the endpoint's capacity
+FP8 = "fp8"
+
+
+def node_id(server: int) -> str:
+    return f"s{server}"
+
+
+def endpoint_name(e: int) -> str:
+    return f"ep{e}"
+
+
+def endpoint_index(name: str) -> int:
+    return int(name[2:]) if name.startswith("ep") and name[2:].isdigit() else -1
+
+
+def class_mix(mean_prompt_tokens: float, mean_output_tokens: float
+              ) -> tuple[tuple[QueryClass, float], ...]:
+    """A mean request as LISO + SILO work (the profiled classes): solve
+    a x tokens(LISO) + b x tokens(SILO) = (prompt, output), so Σ rps_c / MSRR_c is the instance
+    time the trace's mix needs (the service model is fitted to the same two MSRRs)."""
+    (p_l, g_l), (p_s, g_s) = class_tokens(QueryClass.LISO), class_tokens(QueryClass.SILO)
+    a, b = np.linalg.solve(np.array([[p_l, p_s], [g_l, g_s]], float),
+                           np.array([mean_prompt_tokens, mean_output_tokens], float))
+    a, b = max(float(a), 0.0), max(float(b), 0.0)
+    if a + b <= 0:
+        a = 1.0
+    return ((QueryClass.LISO, a), (QueryClass.SILO, b))
+
+
+def endpoint_specs(w: Workload, max_instances: int) -> tuple[EndpointSpec, ...]:
+    return tuple(EndpointSpec(
+        name=endpoint_name(e), model=w.model, slo_p95_s=w.slo_s,
+        allowed_quantizations=("none", FP8) if w.fp8_allowed[e] else ("none",),
+        min_instances=1, max_instances=max(1, min(max_instances, 10_000)))
+        for e in range(w.n_endpoints))
+
+
+def demand_by_class(w: Workload, demand_rps: np.ndarray) -> dict[str, dict[QueryClass, float]]:
+    return {endpoint_name(e): {qc: float(demand_rps[e]) * share for qc, share in w.class_mix}
+            for e in range(w.n_endpoints)}
+
+
+def limits_of(view: View, thermal_headroom_c: float = 5.0) -> Limits:
+    return Limits(row_power_limit_w={f"row{r}": float(v) for r, v in enumerate(view.row_limit_w)},
+                  aisle_airflow_cfm={f"aisle{a}": float(v)
+                                     for a, v in enumerate(view.aisle_limit_cfm)},
+                  gpu_thermal_headroom_c=thermal_headroom_c)
+
+
+def _nodes(view: View) -> tuple[NodeState, ...]:
+    c = view.cluster
+    n_per = c.gpus_per_server
+    gpu_type = c.spec.gpu_type
+    power = view.gpu_power_w.tolist()
+    temp = view.gpu_temp_c.tolist()
+    reserved = view.opaque.tolist()
+    out = []
+    for s in range(c.n_servers):
+        base = s * n_per
+        gpus = tuple(GpuState(index=i, gpu_type=gpu_type, power_draw_w=power[base + i],
+                              temperature_c=temp[base + i], reserved=reserved[base + i])
+                     for i in range(n_per))
+        out.append(NodeState(node_id=node_id(s), row=f"row{c.server_row[s]}",
+                             aisle=f"aisle{c.server_aisle[s]}", gpus=gpus,
+                             inlet_temp_c=float(view.server_inlet_c[s]),
+                             power_draw_w=float(view.server_power_w[s]),
+                             airflow_cfm=float(view.server_cfm[s]),
+                             rack=f"rack{c.server_rack[s]}"))
+    return tuple(out)
+
+
+def _instances(view: View, stopping_pinned: bool) -> tuple[InstanceState, ...]:
+    """One InstanceState per GPU hosting a serving or starting instance. A draining instance,
+    or (with stopping_pinned) one due to stop, is listed under STOPPING_ENDPOINT: its GPU is
+    taken but it is not capacity the rebalancer may count on."""
+    f, w = view.fleet, view.workload
+    n_per = view.cluster.gpus_per_server
+    maxc = w.service.max_concurrency
+    out = []
+    for g in np.flatnonzero(f.state != NONE).tolist():
+        stopping = f.state[g] not in (READY, STARTING) or (
+            stopping_pinned and np.isfinite(f.stop_at_s[g]))
+        if stopping and not stopping_pinned:
+            continue  # draining: not routable, not the endpoint's
+        load = float(view.in_flight[g])
+        out.append(InstanceState(
+            instance_id=f"g{g}",
+            endpoint=STOPPING_ENDPOINT if stopping else endpoint_name(int(f.endpoint[g])),
+            node_id=node_id(g // n_per), gpu_indices=(g % n_per,), model=w.model,
+            quantization=FP8 if f.fp8[g] else "none",
+            ready=bool(f.state[g] == READY), requests_running=min(load, maxc),
+            requests_waiting=max(0.0, load - maxc),
+            kv_cache_usage_frac=min(1.0, load / maxc),  # proxy: batch occupancy
+            power_draw_w=float(view.gpu_power_w[g]), changed_at_s=float(f.ready_at_s[g])))
+    return tuple(out)
+
+
+def cluster_snapshot(view: View, max_instances: int, stopping_pinned: bool) -> ClusterSnapshot:
+    """What the coordinator knows now. `stopping_pinned`: list instances that are draining or
+    due to stop (rebalance needs their GPUs taken); routing leaves draining ones out."""
+    w = view.workload
+    return ClusterSnapshot(nodes=_nodes(view), instances=_instances(view, stopping_pinned),
+                           endpoints=endpoint_specs(w, max_instances),
+                           demand_rps=demand_by_class(w, view.demand_rps), now_s=view.t_s)
+
+
+@dataclass(frozen=True)
+class PlanArrays:
+    """A rebalance plan as GPU indices: start (gpu, endpoint, fp8) and stop (gpu)."""
+
+    starts: tuple[tuple[int, int, bool], ...]
+    stops: tuple[int, ...]
+
+
+def plan_arrays(plan: Plan, gpus_per_server: int) -> PlanArrays:
+    starts, stops = [], []
+    for a in plan.actions:
+        server = int(a.node_id[1:])
+        if a.kind == "start_instance" and a.config is not None:
+            for i in a.gpu_indices:
+                starts.append((server * gpus_per_server + i, endpoint_index(a.endpoint),
+                               a.config.quantization == FP8))
+        elif a.kind == "stop_instance" and a.instance_id.startswith("g"):
+            stops.append(int(a.instance_id[1:]))
+    return PlanArrays(tuple(starts), tuple(stops))
+
+
+def route_weights_array(weights: Mapping[str, float], n_gpus: int) -> np.ndarray:
+    out = np.zeros(n_gpus)
+    for instance_id, wt in weights.items():
+        out[int(instance_id[1:])] = wt
+    return out
+
+
+# ---------------- shedding ----------------
+
+def shed_snapshot(view: View, gpus: np.ndarray, draw_w: np.ndarray) -> shed_policy.ShedSnapshot:
+    """The scope's GPUs with their priority class: opaque -> iaas, an LLM instance -> saas,
+    nothing -> best_effort. `draw_w`: per GPU of `gpus` (the uncapped demand, see policies)."""
+    c = view.cluster
+    n_per = c.gpus_per_server
+    p = c.gpu.power
+    hosting = view.fleet.hosting()
+    decode = view.workload.decode_share
+    out = []
+    for g, d in zip(gpus.tolist(), draw_w.tolist(), strict=True):
+        cls = (shed_policy.IAAS if view.opaque[g] else
+               shed_policy.SAAS if hosting[g] else shed_policy.BEST_EFFORT)
+        out.append(shed_policy.GpuState(
+            node_id=node_id(g // n_per), gpu_index=g % n_per, power_draw_w=d,
+            power_limit_min_w=p.min_w, power_limit_max_w=p.max_w, priority_class=cls,
+            decode_frac=decode, row=f"row{view.gpu_row[g]}", aisle=f"aisle{view.gpu_aisle[g]}"))
+    return shed_policy.ShedSnapshot(tuple(out))
+
+
+def caps_array(plan: shed_policy.ShedPlan, gpus: np.ndarray, gpus_per_server: int,
+               max_w: float) -> np.ndarray:
+    """Per GPU of `gpus`: its cap, max_w where the plan leaves it uncapped."""
+    pos = {int(g): k for k, g in enumerate(gpus.tolist())}
+    out = np.full(len(gpus), max_w)
+    for cap in plan.caps:
+        out[pos[int(cap.node_id[1:]) * gpus_per_server + cap.gpu_index]] = cap.power_cap_w
+    return out
+
+
+# ---------------- placement (server roles) ----------------
+
+def empty_nodes(c: PlacementInputs) -> list[NodeState]:
+    """Every server idle: its GPUs at idle power, at their steady idle temperature."""
+    out = []
+    for s in range(c.n_servers):
+        gpus = tuple(GpuState(index=i, gpu_type=c.gpu_type, power_draw_w=c.idle_gpu_w,
+                              temperature_c=float(c.inlet_c[s]) + c.idle_gpu_w * c.c_per_w)
+                     for i in range(c.gpus_per_server))
+        out.append(_with_gpu_power(NodeState(
+            node_id=node_id(s), row=f"row{c.server_row[s]}", aisle=f"aisle{c.server_aisle[s]}",
+            gpus=gpus, inlet_temp_c=float(c.inlet_c[s])), gpus))
+    return out
+
+
+def _with_gpu_power(node: NodeState, gpus: tuple[GpuState, ...]) -> NodeState:
+    total_w = sum(g.power_draw_w for g in gpus)
+    p, cfm = node_power_w(shape_of(node), total_w)
+    return NodeState(node.node_id, node.row, node.aisle, gpus, node.inlet_temp_c, p, cfm,
+                     node.rack)
+
+
+@dataclass(frozen=True)
+class PlacementInputs:
+    """What placing the servers' roles needs: the layout and the predicted peaks."""
+
+    n_servers: int
+    gpus_per_server: int
+    gpu_type: str
+    server_row: np.ndarray
+    server_aisle: np.ndarray
+    inlet_c: np.ndarray
+    idle_gpu_w: float
+    c_per_w: float
+    limits: Limits
+
+
+def assign_server(nodes: list[NodeState], instances: list[InstanceState], server: int,
+                  role: int, peak_gpu_w: float) -> None:
+    """Record a placed role on its server (in place): opaque GPUs reserved at their peak,
+    flexible ones as instances of the endpoint, so later placements see the load and the mix."""
+    node = nodes[server]
+    gpus = tuple(GpuState(g.index, g.gpu_type, power_draw_w=peak_gpu_w,
+                          temperature_c=g.temperature_c, reserved=role < 0) for g in node.gpus)
+    nodes[server] = _with_gpu_power(node, gpus)
+    if role >= 0:
+        instances.extend(InstanceState(f"p{server}-{g.index}", endpoint_name(role),
+                                       node.node_id, (g.index,), "")
+                         for g in gpus)
+
+
+def interleaved(role_counts: Sequence[tuple[int, int]]) -> list[int]:
+    """Roles in arrival order: each role's servers spread evenly over the sequence (the order a
+    cluster manager would see tenants and endpoints grow together)."""
+    keyed = [((k + 0.5) / n, i, role) for i, (role, n) in enumerate(role_counts)
+             for k in range(n)]
+    return [role for _, _, role in sorted(keyed)]
