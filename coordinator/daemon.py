@@ -137,7 +137,9 @@ async def serve(args: argparse.Namespace, topology: Topology, lease_policy: Leas
                            instance_action_timeout_s=args.instance_action_timeout_s)
     emergencies = EmergencyController(core, EmergencyStore(args.db), args.emergency,
                                       random.Random())
-    rebalancer = Rebalancer(core, PlanStore(args.db), args.profile_rows, args.rebalance)
+    rebalancer = Rebalancer(core, PlanStore(args.db), args.profile_rows, args.rebalance,
+                            cuts=emergencies.cuts)  # limits lowered by the emergencies in force
+    emergencies.attach_replanner(rebalancer)  # long emergencies: a plan under those limits
     identify = caller(security.authorizer())
     server, health_servicer = await build_server(core, security.authorizer(), extra=(
         lambda s: add_emergency_service(s, emergencies, identify),

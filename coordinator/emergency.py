@@ -12,12 +12,23 @@ established streams and records everything in the emergency's timeline (SQLite) 
 - Escalation: when the cut cannot reach the target, best-effort instances are stopped.
 - Phase 2: once under the limit for phase2_after_s, capped GPUs get their clocks locked at the
   highest clock whose predicted draw fits the cap (a steady point instead of cap throttling).
+  Routing: `cuts()` lowers the rebalancer's limits (routes, placement, plans) to the emergency's
+  capacity, and instances on capped GPUs get a lower routing weight (policy.routing).
+  Reconfiguration: an emergency still active reconfigure_after_s after its declaration asks the
+  rebalancer (attach_replanner) for a plan under those lowered limits: kept as a proposal in
+  propose mode, applied in auto mode, skipped (and recorded so) when rebalancing is off. One
+  attempt per emergency; its outcome is in the timeline and the audit log.
 - Clearing: clock locks reset, then caps raised in steps; every step waits a randomized time and
   only proceeds while the scope has hysteresis headroom under its restored limit; then lifted.
 - Pre-arming (every prearm_interval_s, and at once for a (re)connected node): each node gets the
   caps of its row's Phase 1 plan at each severity.
 - Detection: a row drawing above its limit (an aisle above its airflow limit) for detect_after_s
-  declares an emergency at capacity 1.0 with source "auto".
+  declares an emergency at capacity 1.0 with source "auto". So does an aisle where at least
+  detect_hot_nodes_frac of the reporting nodes have a GPU within detect_hot_headroom_c of its
+  slowdown temperature for that long: one hot GPU is its agent's thermal guard's business (a
+  local fault), many hot nodes in one aisle point at its cooling.
+- issued_s / acked_s describe Phase 1: declaration -> every node's first emergency caps issued /
+  acknowledged (later re-issues and clearing steps do not move them).
 """
 
 from __future__ import annotations
@@ -28,13 +39,14 @@ import random
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from coordinator.core import CoordinatorCore
 from coordinator.emergency_store import EmergencyRecord, EmergencyStore, Event
 from coordinator.policy import shed as policy
+from coordinator.rebalance_snapshot import ScopeCut
 from coordinator.registry import NodeRecord
 from coordinator.session import AgentSession
 from coordinator.v1 import coordinator_pb2 as cpb
@@ -63,6 +75,19 @@ class EmergencySettings:
     hysteresis_frac: float = 0.05
     prearm_interval_s: float = 10.0
     detect_after_s: float = 0.0  # 0 = no automatic detection
+    detect_hot_headroom_c: float = 3.0  # a GPU this close to slowdown makes its node "hot"
+    detect_hot_nodes_frac: float = 0.5  # this share of an aisle's nodes hot: a cooling signal
+    reconfigure_after_s: float = 300.0  # still active this long -> rebalance plan; 0 = never
+
+
+class Replanner(Protocol):
+    """The rebalancer, seen from here: its mode and its plans (under the effective limits)."""
+
+    mode: str
+
+    def propose(self, trigger: str, actor: str, keep_empty: bool = True) -> dict[str, Any]: ...
+
+    def apply(self, plan_id: str, actor: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -88,6 +113,9 @@ class _Live:
     under_since_mono_s: float | None = None
     phase2_locked: dict[str, list[int]] = field(default_factory=dict)
     phase2_done: bool = False
+    reconfigured: bool = False
+    phase1_issued_unix_s: dict[str, float] = field(default_factory=dict)  # first caps per node
+    phase1_acked_unix_s: dict[str, float] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
 
 
@@ -114,7 +142,8 @@ class EmergencyController:
         self._prearm_sessions: dict[str, AgentSession] = {}
         self._prearm_acked: set[str] = set()
         self._next_prearm_mono_s = 0.0
-        self._over_since: dict[tuple[str, str], float] = {}
+        self._over_since: dict[tuple[str, str, str], float] = {}  # (signal, scope, name)
+        self._replanner: Replanner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._log = structlog.get_logger().bind(component="emergency")
         for rec in store.load(active_only=True):  # a restart resumes; caps come from reports
@@ -196,6 +225,15 @@ class EmergencyController:
     @property
     def prearmed_nodes(self) -> int:
         return len(self._prearm_acked)
+
+    def attach_replanner(self, replanner: Replanner) -> None:
+        """The rebalancer that reconfigures long emergencies (none: reconfiguration skipped)."""
+        self._replanner = replanner
+
+    def cuts(self) -> tuple[ScopeCut, ...]:
+        """The emergencies in force (active or clearing): the rebalancer's lowered limits."""
+        return tuple(ScopeCut(r.scope, r.name, r.kind, r.capacity_frac)
+                     for r in (live.rec for live in self._live.values()) if r.state != CLEARED)
 
     # ---------------------------------------------------------------- loop
 
@@ -355,6 +393,8 @@ class EmergencyController:
             track.failed = "not connected"
             return
         track.issued_unix_s = self._core.clock.time()
+        if active and live.rec.state == ACTIVE:
+            live.phase1_issued_unix_s.setdefault(rec.node_id, track.issued_unix_s)
         self._event(live, "caps_issued" if active else "caps_lifted", rec.node_id,
                     {"caps_w": {str(k): round(v, 1) for k, v in (caps or {}).items()}})
         self._spawn(self._await_ack(live, rec.node_id, session, d))
@@ -379,6 +419,8 @@ class EmergencyController:
             self._log.error("emergency_caps_failed", node_id=node_id, errors=bad)
             return
         track.acked_unix_s = self._core.clock.time()
+        if d.active and live.rec.state == ACTIVE:
+            live.phase1_acked_unix_s.setdefault(node_id, track.acked_unix_s)
         self._event(live, "caps_acked" if d.active else "lift_acked", node_id)
 
     def _escalate(self, live: _Live, plan: policy.ShedPlan) -> None:
@@ -417,6 +459,10 @@ class EmergencyController:
                 and now_mono_s - live.under_since_mono_s >= self._s.phase2_after_s):
             live.phase2_done = True
             self._phase2(live, list(by_id.values()))
+        if (live.rec.state == ACTIVE and not live.reconfigured and self._s.reconfigure_after_s > 0
+                and now_mono_s - live.declared_mono_s >= self._s.reconfigure_after_s):
+            live.reconfigured = True
+            self._reconfigure(live)
 
     def _lagging(self, live: _Live, rec: NodeRecord, track: _Track, now_mono_s: float) -> str:
         if rec.session is not None and rec.session is not track.session and not rec.session.closed:
@@ -455,6 +501,34 @@ class EmergencyController:
                 locks += len(actions)
                 self._spawn(self._send_plan(live, rec, actions, "phase2_clocks"))
         self._event(live, "phase2", detail={"clock_locks": locks})
+
+    def _reconfigure(self, live: _Live) -> None:
+        """Phase 2 for a long emergency: a rebalance plan under the lowered limits (cuts())."""
+        r, planner = live.rec, self._replanner
+        if planner is None or planner.mode == "off":
+            why = "no rebalancer" if planner is None else "rebalance mode is off"
+            self._event(live, "reconfigure_skipped", detail={"reason": why})
+            return
+        actor = f"emergency:{r.emergency_id}"
+        trigger = (f"emergency {r.emergency_id}: {r.kind} {r.scope} {r.name} at "
+                   f"{r.capacity_frac:g} for over {self._s.reconfigure_after_s:g} s")
+        try:
+            doc = planner.propose(trigger, actor, keep_empty=False)
+            what = "reconfigure_none" if not doc["stages"] else "reconfigure_proposed"
+            if doc["stages"] and planner.mode == "auto":
+                planner.apply(doc["plan_id"], actor)
+                what = "reconfigure_applied"
+        except errors.DomainError as err:
+            self._event(live, "reconfigure_failed", detail={"error": str(err)})
+            self._audit(live, "reconfigure_failed", actor, str(err), ok=False)
+            self._log.error("emergency_reconfigure_failed", emergency_id=r.emergency_id,
+                            error=str(err))
+            return
+        actions = sum(len(st["actions"]) for st in doc["stages"])
+        self._event(live, what, detail={"plan_id": doc["plan_id"], "actions": actions,
+                                        "mode": planner.mode})
+        if doc["stages"]:
+            self._audit(live, what, actor, f"plan {doc['plan_id']}: {actions} actions")
 
     async def _send_plan(self, live: _Live, rec: NodeRecord, actions: list[agent_pb2.Action],
                          what: str) -> None:
@@ -607,23 +681,42 @@ class EmergencyController:
         rec.session.send(cpb.CoordinatorMessage(emergency=lift))
 
     def _detect(self, now_mono_s: float) -> None:
-        rollups = self._core.cluster()
-        watched = [("row", r.name, "power", r.power_draw_w, r.power_limit_w)
-                   for r in rollups.rows]
-        watched += [("aisle", a.name, "cooling", a.airflow_cfm, a.airflow_limit_cfm)
-                    for a in rollups.aisles]
-        for scope, name, kind, value, limit in watched:
-            key = (scope, name)
-            if limit <= 0 or value <= limit:
-                self._over_since.pop(key, None)
-                continue
+        """Declare for every signal held detect_after_s while its scope has no emergency."""
+        over = {(sig, scope, name): (kind, note)
+                for sig, scope, name, kind, note in self._signals()}
+        for key in [k for k in self._over_since if k not in over]:
+            del self._over_since[key]  # back under: a later excursion starts its own timer
+        for key, (kind, note) in over.items():
             since = self._over_since.setdefault(key, now_mono_s)
-            busy = any(lv.rec.state != CLEARED and (lv.rec.scope, lv.rec.name) == key
+            _, scope, name = key
+            busy = any(lv.rec.state != CLEARED and (lv.rec.scope, lv.rec.name) == (scope, name)
                        for lv in self._live.values())
             if now_mono_s - since >= self._s.detect_after_s and not busy:
-                over_s = now_mono_s - since
-                note = f"measured {value:.0f} above the limit {limit:.0f} for {over_s:.0f} s"
-                self.declare(scope, name, kind, 1.0, 0.0, 0.0, "auto", note, "coordinator")
+                self.declare(scope, name, kind, 1.0, 0.0, 0.0, "auto",
+                             f"{note} for {now_mono_s - since:.0f} s", "coordinator")
+
+    def _signals(self) -> list[tuple[str, str, str, str, str]]:
+        """(signal, scope, name, kind, note) for each scope over a limit now."""
+        rollups = self._core.cluster()
+        out = [("power", "row", r.name, "power",
+                f"measured {r.power_draw_w:.0f} W above the limit {r.power_limit_w:.0f} W")
+               for r in rollups.rows if 0 < r.power_limit_w < r.power_draw_w]
+        out += [("airflow", "aisle", a.name, "cooling",
+                 f"airflow {a.airflow_cfm:.0f} CFM above the limit {a.airflow_limit_cfm:.0f} CFM")
+                for a in rollups.aisles if 0 < a.airflow_limit_cfm < a.airflow_cfm]
+        return out + self._hot_aisles()
+
+    def _hot_aisles(self) -> list[tuple[str, str, str, str, str]]:
+        by_aisle: dict[str, list[bool]] = {}
+        for rec in self._core.registry.records():
+            if rec.placement is not None and rec.report is not None:
+                hot = _hot_node(rec.report, self._s.detect_hot_headroom_c)
+                by_aisle.setdefault(rec.placement.aisle, []).append(hot)
+        return [("hot_gpus", "aisle", aisle, "cooling",
+                 f"{sum(hot)} of {len(hot)} nodes have a GPU within "
+                 f"{self._s.detect_hot_headroom_c:g} C of slowdown")
+                for aisle, hot in sorted(by_aisle.items())
+                if sum(hot) >= self._s.detect_hot_nodes_frac * len(hot)]
 
     # ---------------------------------------------------------------- records
 
@@ -636,23 +729,25 @@ class EmergencyController:
             events, live.events = live.events, []
             self._store.append(live.rec.emergency_id, events)
 
-    def _audit(self, live: _Live, action: str, actor: str, message: str) -> None:
+    def _audit(self, live: _Live, action: str, actor: str, message: str,
+               ok: bool = True) -> None:
         request = json.dumps({"emergency_id": live.rec.emergency_id, "scope": live.rec.scope,
                               "name": live.rec.name, "capacity_frac": live.rec.capacity_frac})
         self._core.store.append_audit(self._core.clock.time(), self._core.epoch, "", action,
-                                      request, True, "OK", message, actor)
+                                      request, ok, "OK" if ok else "FAILED", message, actor)
 
     def _summarize(self, live: _Live, timeline: list[Event]) -> EmergencyView:
         t0 = live.rec.declared_at_unix_s
         tracks = list(live.tracks.values())
-        issued = [t.issued_unix_s for t in tracks]
-        acked = [t.acked_unix_s for t in tracks]
+        issued = [live.phase1_issued_unix_s.get(n) for n in live.tracks]  # Phase 1 only
+        acked = [live.phase1_acked_unix_s.get(n) for n in live.tracks]
 
         def span(times: list[float | None]) -> float:
             return max(times) - t0 if times and None not in times else -1.0  # type: ignore
 
         under = live.under_limit_unix_s - t0 if live.under_limit_unix_s is not None else -1.0
-        return EmergencyView(live.rec, len(tracks), sum(a is not None for a in acked),
+        return EmergencyView(live.rec, len(tracks),
+                             sum(t.acked_unix_s is not None for t in tracks),
                              self._scope_power_w(live), span(issued), span(acked), under,
                              timeline)
 
@@ -688,6 +783,16 @@ def _gpu_states(node_id: str, node: agent_pb2.Node) -> list[policy.GpuState]:
             tuple(i.spec.instance_id for i in insts),
             node.labels.get("row", ""), node.labels.get("aisle", "")))
     return out
+
+
+def _hot_node(node: agent_pb2.Node, headroom_c: float) -> bool:
+    """A GPU within headroom_c of its slowdown temperature (reported, else its model's)."""
+    for g in node.gpus:
+        model = GPU_MODELS.get(g.gpu_type)
+        slowdown_c = g.slowdown_temp_c or (model.thermal.slowdown_c if model else 0.0)
+        if slowdown_c > 0 and g.temperature_c >= slowdown_c - headroom_c:
+            return True
+    return False
 
 
 def _decode_frac(instances: list[agent_pb2.Instance]) -> float:
@@ -732,6 +837,9 @@ _OPTIONS = (  # flag suffix, settings field, low, high
     ("clear-step-s", "clear_step_s", 0.0, 3600.0),
     ("prearm-interval-s", "prearm_interval_s", 0.5, 3600.0),
     ("detect-after-s", "detect_after_s", 0.0, 3600.0),
+    ("detect-hot-headroom-c", "detect_hot_headroom_c", 0.0, 30.0),
+    ("detect-hot-nodes-frac", "detect_hot_nodes_frac", 0.01, 1.0),
+    ("reconfigure-after-s", "reconfigure_after_s", 0.0, 86400.0),
 )
 
 

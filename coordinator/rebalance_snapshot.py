@@ -8,7 +8,9 @@
   by that class's output length.
 - `DemandEstimator`: an EWMA per endpoint over those measurements (time constant smoothing_s).
 - `build_snapshot` / `limits_of`: NodeState, GpuState, MigSlice, InstanceState from the latest
-  reports; row power and aisle airflow limits from the topology.
+  reports; row power and aisle airflow limits from the topology, each lowered by the active
+  emergencies (`ScopeCut`: effective limit = min(topology limit, normal x capacity)). A GPU whose
+  agent reports an emergency power ceiling below its maximum carries it as emergency_cap_w.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from nodeagent.v1 import agent_pb2
 
 LIVE_STATES = ("STARTING", "READY", "DRAINING")
 MAX_DEMAND_RPS = 1e6
+CAP_TOLERANCE_W = 1.0
 
 
 @dataclass(frozen=True)
@@ -156,10 +159,44 @@ def demand_of(decl: EndpointDecl, estimator: DemandEstimator) -> dict[QueryClass
 # ---------------------------------------------------------------------- snapshot
 
 
-def limits_of(topology: Topology, gpu_thermal_headroom_c: float = 5.0) -> Limits:
-    rows = {r.name: r.row_power_limit_w for s in topology.sites for r in s.rows}
-    aisles = {a.name: a.aisle_airflow_cfm for s in topology.sites for a in s.aisles}
+@dataclass(frozen=True)
+class ScopeCut:
+    """An emergency in force: its scope (row | aisle | site) keeps capacity_frac of its normal
+    row power (kind power) or aisle airflow (kind cooling)."""
+
+    scope: str
+    name: str
+    kind: str
+    capacity_frac: float
+
+
+def limits_of(topology: Topology, gpu_thermal_headroom_c: float = 5.0,
+              cuts: Iterable[ScopeCut] = ()) -> Limits:
+    normal_rows_w, normal_aisles_cfm = _row_limits_w(topology), _aisle_limits_cfm(topology)
+    rows, aisles = dict(normal_rows_w), dict(normal_aisles_cfm)
+    for cut in cuts:
+        power = cut.kind == "power"
+        table, normal = (rows, normal_rows_w) if power else (aisles, normal_aisles_cfm)
+        for name in _members(topology, cut, power):
+            table[name] = min(table[name], normal[name] * cut.capacity_frac)
     return Limits(rows, aisles, gpu_thermal_headroom_c)
+
+
+def _row_limits_w(topology: Topology) -> dict[str, float]:
+    return {r.name: r.row_power_limit_w for s in topology.sites for r in s.rows}
+
+
+def _aisle_limits_cfm(topology: Topology) -> dict[str, float]:
+    return {a.name: a.aisle_airflow_cfm for s in topology.sites for a in s.aisles}
+
+
+def _members(topology: Topology, cut: ScopeCut, power: bool) -> list[str]:
+    """The rows (power) or aisles (cooling) a cut lowers; a site cut lowers each of them."""
+    if cut.scope == "site":
+        return [x.name for s in topology.sites if s.name == cut.name
+                for x in (s.rows if power else s.aisles)]
+    known = _row_limits_w(topology) if power else _aisle_limits_cfm(topology)
+    return [cut.name] if cut.name in known else []
 
 
 def build_snapshot(records: Iterable[NodeRecord], topology: Topology,
@@ -188,9 +225,17 @@ def node_state(rec: NodeRecord, topology: Topology) -> NodeState:
     gpus = tuple(GpuState(
         g.index, g.gpu_type, g.power_draw_w, g.temperature_c, g.mig_enabled,
         tuple(MigSlice(m.profile, m.uuid, m.uuid in used) for m in g.mig_instances),
-        g.healthy) for g in node.gpus)
+        g.healthy, emergency_cap_w=emergency_cap_w(g)) for g in node.gpus)
     return NodeState(rec.node_id, row, aisle, gpus, inlet_c, node.budget.node_power_w,
                      node.budget.airflow_cfm, placement.rack if placement else "")
+
+
+def emergency_cap_w(gpu: agent_pb2.Gpu) -> float:
+    """The emergency power ceiling the agent reports in force below the GPU's maximum; 0 =
+    none (pre-armed fallback ceilings count: they are emergency caps too)."""
+    capped = (gpu.power_ceiling_source.startswith("emergency") and gpu.power_ceiling_w > 0
+              and gpu.power_ceiling_w < gpu.power_limit_max_w - CAP_TOLERANCE_W)
+    return gpu.power_ceiling_w if capped else 0.0
 
 
 def instance_states(node_id: str, node: agent_pb2.Node, decls: Mapping[str, EndpointDecl]

@@ -13,6 +13,8 @@ and executes a plan stage by stage:
 
 Modes: off (nothing runs), propose (every interval a plan with actions is stored for approval),
 auto (such a plan is also applied at once). A newer proposal supersedes older proposed plans.
+Plans, placement and routes use the effective limits: the topology's, lowered by the emergencies
+in force (`cuts`, from the emergency controller).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +40,7 @@ from coordinator.profiles.store import load_profiles
 from coordinator.rebalance_snapshot import (
     DemandEstimator,
     EndpointDecl,
+    ScopeCut,
     build_snapshot,
     demand_of,
     limits_of,
@@ -69,8 +72,10 @@ class RebalanceSettings:
 
 class Rebalancer:
     def __init__(self, core: CoordinatorCore, store: PlanStore, profiles: list[ProfileRow],
-                 settings: RebalanceSettings) -> None:
+                 settings: RebalanceSettings,
+                 cuts: Callable[[], Sequence[ScopeCut]] | None = None) -> None:
         self._core = core
+        self._cuts = cuts or tuple
         self._store = store
         self._profiles = profiles
         self._s = settings
@@ -120,8 +125,7 @@ class Rebalancer:
             raise errors.FailedPrecondition("a plan is being applied; propose after it ends",
                                             field="plan_id")
         snapshot = self._snapshot()
-        plan = rebalance(snapshot, self._profiles, limits_of(self._core.topology),
-                         self._s.policy)
+        plan = rebalance(snapshot, self._profiles, self.limits(), self._s.policy)
         now = self._core.clock.time()
         doc = plan_doc(plan, uuid.uuid4().hex[:12], self._core.epoch, now, trigger)
         self._last_run_unix_s = now
@@ -231,14 +235,17 @@ class Rebalancer:
                                  for t in types)
         workload = CLASS_WORKLOAD[priority_class]
         request = PlaceRequest(gpus, power_w, workload, gpu_type)
-        return workload, place(request, self._snapshot(), limits_of(self._core.topology))
+        return workload, place(request, self._snapshot(), self.limits())
 
     def routes(self, endpoint: str, mode: str) -> list[tuple[RouteWeight, str]]:
         """Weights of the endpoint's instances, each with its URL ("" when not known)."""
         config = RoutingConfig(mode=mode or "latency")
-        weights = routing_weights(endpoint, self._snapshot(), limits_of(self._core.topology),
-                                  config)
+        weights = routing_weights(endpoint, self._snapshot(), self.limits(), config)
         return [(w, self._url(w.node_id, w.instance_id)) for w in weights]
+
+    def limits(self) -> pm.Limits:
+        """The topology's limits, lowered by the emergencies in force."""
+        return limits_of(self._core.topology, cuts=self._cuts())
 
     def _url(self, node_id: str, instance_id: str) -> str:
         rec = self._core.registry.get(node_id)

@@ -5,9 +5,11 @@
 
 An instance gets weight 0 when it is at risk: not ready/routable, its GPU within the thermal
 headroom of slowdown, its row at or over its power limit, or its measured P95 latency over the
-endpoint's SLO. The others share the traffic: KV-cache affinity favours instances holding more
-cached context; mode "energy" concentrates load on already busy instances (so idle ones can be
-scaled in or clocked down), mode "latency" spreads it towards the least loaded.
+endpoint's SLO (row limits are the effective ones: an emergency lowers them). The others share
+the traffic: KV-cache affinity favours instances holding more cached context; mode "energy"
+concentrates load on already busy instances (so idle ones can be scaled in or clocked down), mode
+"latency" spreads it towards the least loaded. An instance on a GPU under an emergency power cap
+(a constrained scope, DESIGN §5 Shed Phase 2) keeps only capped_weight_frac of its weight.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RoutingConfig:
     mode: str = "latency"
     kv_affinity: float = 0.5  # weight bonus per unit of KV-cache usage (cached prefixes)
     saturation_frac: float = 0.9  # energy mode stops concentrating on an instance above this
+    capped_weight_frac: float = 0.5  # weight kept by an instance on an emergency-capped GPU
 
     def validate(self) -> RoutingConfig:
         if self.mode not in MODES:
@@ -36,6 +39,9 @@ class RoutingConfig:
             raise out_of_range("kv_affinity", self.kv_affinity, 0, 10)
         if not 0 < self.saturation_frac <= 1:
             raise out_of_range("saturation_frac", self.saturation_frac, 0, 1)
+        if not 0 < self.capped_weight_frac <= 1:
+            raise InvalidArgument(f"capped_weight_frac={self.capped_weight_frac:g} is outside "
+                                  "the allowed range (0, 1]", field="capped_weight_frac")
         return self
 
 
@@ -69,7 +75,9 @@ def routing_weights(endpoint: str, snapshot: ClusterSnapshot, limits: Limits | N
             raw.append((inst, 0.0, f"at risk: {risk}"))
         else:
             w, why = _preference(inst, config)
-            raw.append((inst, w, why))
+            capped = _capped(inst, nodes, config)
+            raw.append((inst, w * config.capped_weight_frac, f"{why}; {capped}") if capped
+                       else (inst, w, why))
     total = sum(w for _, w, _ in raw)
     return [RouteWeight(i.instance_id, i.node_id, (w / total) if total > 0 else 0.0, why)
             for i, w, why in raw]
@@ -91,6 +99,16 @@ def _risk(inst: InstanceState, nodes: dict, row_w: dict[str, float], limits: Lim
             return f"row {node.row} draws {row_w[node.row]:.0f} W >= {limit:.0f} W (power)"
     if slo_s is not None and inst.e2e_latency_p95_s > slo_s:
         return f"P95 latency {inst.e2e_latency_p95_s:.2f} s > SLO {slo_s:g} s"
+    return ""
+
+
+def _capped(inst: InstanceState, nodes: dict, config: RoutingConfig) -> str:
+    """Why the instance is in a constrained scope (a GPU under an emergency cap); "" if not."""
+    node = nodes.get(inst.node_id)
+    for g in node.gpus if node is not None else ():
+        if g.index in inst.gpu_indices and g.emergency_cap_w > 0:
+            return (f"GPU {g.index} under an emergency cap of {g.emergency_cap_w:.0f} W "
+                    f"(weight x{config.capped_weight_frac:g})")
     return ""
 
 

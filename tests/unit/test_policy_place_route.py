@@ -114,3 +114,31 @@ def test_routing_unknown_endpoint_and_bad_mode() -> None:
         routing_weights("nope", _route_snapshot())
     with pytest.raises(InvalidArgument, match="mode"):
         routing_weights("e", _route_snapshot(), config=RoutingConfig(mode="fastest"))
+
+
+def _capped_snapshot(cap_w: float) -> ClusterSnapshot:
+    gpus = (GpuState(0, A100, emergency_cap_w=cap_w), GpuState(1, A100))
+    n = NodeState("n1", "r1", "a1", gpus, power_draw_w=2000.0)
+    insts = (InstanceState("capped", "e", "n1", (0,), "m"),
+             InstanceState("free", "e", "n1", (1,), "m"))
+    return ClusterSnapshot((n,), insts, (EndpointSpec("e", "m"),))
+
+
+def test_instances_on_emergency_capped_gpus_get_less_traffic_not_none() -> None:
+    limits = Limits(row_power_limit_w={"r1": 2500.0})  # under the (reduced) limit: no risk
+    same = {w.instance_id: w.weight for w in routing_weights("e", _capped_snapshot(0.0), limits)}
+    assert same["capped"] == pytest.approx(same["free"])
+    weights = {w.instance_id: w for w in routing_weights("e", _capped_snapshot(250.0), limits)}
+    assert weights["capped"].weight == pytest.approx(weights["free"].weight / 2)
+    assert weights["capped"].weight > 0 and "emergency cap of 250 W" in weights["capped"].reason
+    quarter = routing_weights("e", _capped_snapshot(250.0), limits,
+                              RoutingConfig(capped_weight_frac=0.25))
+    assert quarter[0].weight == pytest.approx(quarter[1].weight / 4)  # sorted: capped, free
+    at_risk = routing_weights("e", _capped_snapshot(250.0), Limits(row_power_limit_w={"r1": 2000}))
+    assert all(w.weight == 0.0 and "power" in w.reason for w in at_risk)
+
+
+def test_bad_capped_weight_names_the_field() -> None:
+    with pytest.raises(InvalidArgument, match=r"capped_weight_frac.*\(0") as err:
+        routing_weights("e", _capped_snapshot(250.0), config=RoutingConfig(capped_weight_frac=0))
+    assert err.value.field == "capped_weight_frac"

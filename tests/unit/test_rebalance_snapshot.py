@@ -13,6 +13,7 @@ from coordinator.profiles.schema import QueryClass
 from coordinator.rebalance_snapshot import (
     DemandEstimator,
     EndpointDecl,
+    emergency_cap_w,
     infer_class,
     instance_states,
     measured_rps,
@@ -84,3 +85,15 @@ def test_declarations_and_plans_survive_a_reopen(tmp_path: Path) -> None:
     assert [EndpointDecl.from_doc(d) for d in reopened.load_endpoints()] == [decl]
     assert reopened.load_plan("p1") == {"plan_id": "p1", "state": "proposed"}
     assert reopened.latest_plans(5)[0]["plan_id"] == "p1"
+
+
+@pytest.mark.parametrize(("source", "ceiling_w", "expected_w"), [
+    ("emergency", 300.0, 300.0), ("emergency_fallback", 250.0, 250.0),
+    ("thermal", 300.0, 0.0),  # the agent's own guard, not a constrained scope
+    ("emergency", 700.0, 0.0),  # a last relax step at the maximum caps nothing
+    ("", 0.0, 0.0)])
+def test_emergency_cap_from_the_reported_ceiling(source: str, ceiling_w: float,
+                                                 expected_w: float) -> None:
+    gpu = agent_pb2.Gpu(power_limit_max_w=700.0, power_ceiling_w=ceiling_w,
+                        power_ceiling_source=source)
+    assert emergency_cap_w(gpu) == expected_w
