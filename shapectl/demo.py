@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def peak_node_power_w(gpu_type: str, gpus: int) -> float:
     return sm.node_power_w(gpus * gpu_model(gpu_type).power.max_w, 1.0, gpus)
 
 
-def demo_topology(nodes: int, gpu_type: str, gpus: int) -> dict[str, Any]:
+def demo_topology(nodes: int, gpu_type: str, gpus: int, row_limit_frac: float = ROW_LIMIT_FRAC,
+                  aisle_limit_frac: float = AISLE_LIMIT_FRAC) -> dict[str, Any]:
     """2 rows x 2 racks in 2 aisles (node i in rack i mod 4); each row's power limit and each
     aisle's airflow limit a fraction of what its nodes draw at full simulated load."""
     peak_w = peak_node_power_w(gpu_type, gpus)
@@ -79,13 +81,13 @@ def demo_topology(nodes: int, gpu_type: str, gpus: int) -> dict[str, Any]:
     in_row = Counter(row for row, _, _ in placed)
     in_aisle = Counter(aisle for _, _, aisle in placed)
     rows = [{"name": row,
-             "row_power_limit_w": round(ROW_LIMIT_FRAC * peak_w * max(1, in_row[row])),
+             "row_power_limit_w": round(row_limit_frac * peak_w * max(1, in_row[row])),
              "inlet_offset_c": 1.0 * i,  # TAPAS: rows differ by ~1 C, racks by up to 2 C
              "racks": [{"name": k, "aisle": a, "inlet_offset_c": 0.5 * j}
                        for j, (r, k, a) in enumerate(RACKS) if r == row]}
             for i, row in enumerate(("r1", "r2"))]
     aisles = [{"name": a,
-               "aisle_airflow_cfm": round(AISLE_LIMIT_FRAC * peak_cfm * max(1, in_aisle[a]))}
+               "aisle_airflow_cfm": round(aisle_limit_frac * peak_cfm * max(1, in_aisle[a]))}
               for a in ("a1", "a2")]
     return {"version": 1, "liveness": {"suspect_after_s": 3.0, "lost_after_s": 10.0},
             "sites": [{"name": "s1", "aisles": aisles, "rows": rows}]}
@@ -130,24 +132,30 @@ def _signal_group(p: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(p.pid, sig)
 
 
-def start_cluster(workdir: Path, nodes: int, gpu_type: str, gpus: int) -> Cluster:
+def start_cluster(workdir: Path, nodes: int, gpu_type: str, gpus: int, *,
+                  sim_load: str = "demo", report_interval_s: float = REPORT_INTERVAL_S,
+                  topology: dict[str, Any] | None = None,
+                  coordinator_args: Sequence[str] = ()) -> Cluster:
+    """The coordinator and `nodes` sim agents (node i in RACKS[i mod 4]). `topology` replaces
+    demo_topology(); `coordinator_args` are extra daemon flags (e.g. --emergency-*)."""
     topo_path = workdir / "topology.yaml"
-    topo_path.write_text(yaml.safe_dump(demo_topology(nodes, gpu_type, gpus), sort_keys=False))
+    topo = topology if topology is not None else demo_topology(nodes, gpu_type, gpus)
+    topo_path.write_text(yaml.safe_dump(topo, sort_keys=False))
     cluster = Cluster(workdir, f"127.0.0.1:{free_port()}")
     cluster.spawn("coordinator", [
         sys.executable, "-m", "coordinator.daemon", "--listen", cluster.coordinator_addr,
         "--topology", str(topo_path), "--db", str(workdir / "coordinator.db"),
-        "--lease-ttl-s", "5"])
+        "--lease-ttl-s", "5", *coordinator_args])
     for i in range(nodes):
         row, rack, aisle = RACKS[i % len(RACKS)]
         node_id = f"node-{i + 1:02d}"
         cfg = workdir / f"{node_id}.yaml"
         cfg.write_text(yaml.safe_dump({
-            "version": 1, "sim": {"seed": i + 1}, "sampling": {"interval_s": REPORT_INTERVAL_S},
-            "coordinator": {"report_interval_s": REPORT_INTERVAL_S, "reconnect_max_s": 2.0}}))
+            "version": 1, "sim": {"seed": i + 1}, "sampling": {"interval_s": report_interval_s},
+            "coordinator": {"report_interval_s": report_interval_s, "reconnect_max_s": 2.0}}))
         cluster.spawn(node_id, [
             sys.executable, "-m", "nodeagent.daemon", "--config", str(cfg), "--backend", "sim",
-            "--sim-load", "demo", "--sim-gpus", str(gpus), "--sim-gpu-type", gpu_type,
+            "--sim-load", sim_load, "--sim-gpus", str(gpus), "--sim-gpu-type", gpu_type,
             "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "",
             "--state-dir", str(workdir / node_id), "--node-id", node_id,
             "--coordinator", cluster.coordinator_addr,

@@ -138,7 +138,7 @@ class Engine:
         self.static_count = np.bincount(self.home[self.home >= 0], minlength=n_ep)
         phases = shapes.tenant_phases(tenants, rng)
         self.opaque_phase = np.where(self.opaque, phases[np.maximum(-1 - gpu_role, 0)], 0.0)
-        self.opaque_jitter = shapes.gpu_jitter(c.n_gpus, rng)
+        self.opaque_jitter = shapes.gpu_jitter(c.n_gpus, rng, s.opaque.gpu_jitter)
         # Each endpoint's peak demand = peak_load_frac x its static fleet's profiled capacity.
         peak_rps = s.workload.peak_load_frac * self.static_count * self.workload.instance_rps
         self.demand_scale = peak_rps / self.trace.peak_rate_rps
@@ -158,7 +158,8 @@ class Engine:
         """Predicted peak draw per GPU of each role: opaque at the shape's highest activity, an
         LLM GPU at the profiled busy decode activity (OASIS Table 3's load)."""
         s, m = self.scenario, self.cluster.gpu
-        opaque_act = min(1.0, s.opaque.mean_activity + s.opaque.amplitude + shapes.GPU_JITTER)
+        o = s.opaque
+        opaque_act = min(1.0, o.mean_activity + o.amplitude + o.gpu_jitter)
         def power(act: float) -> float:
             return float(physics.power_w(act, m.sm_max_clock_mhz, m.sm_max_clock_mhz,
                                          m.idle_power_w, m.dynamic_power_max_w))

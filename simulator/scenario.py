@@ -74,6 +74,8 @@ class OpaqueSpec(_Strict):
     mean_activity: float = Field(0.55, ge=0.0, le=1.0)
     amplitude: float = Field(0.35, ge=0.0, le=1.0)
     period_s: float = Field(1200.0, gt=0.0, le=604800.0)
+    # Per-GPU constant spread around the tenant's shape (uniform +-); 0 = identical GPUs.
+    gpu_jitter: float = Field(0.05, ge=0.0, le=0.5)
 
 
 class FailureSpec(_Strict):

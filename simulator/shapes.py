@@ -11,15 +11,16 @@ import numpy as np
 from simulator.scenario import OpaqueSpec
 
 BURST_SHARPNESS = 4  # power of the positive half-wave: larger -> shorter, taller bursts
-GPU_JITTER = 0.05  # per-GPU constant spread around the tenant's shape
+GPU_JITTER = 0.05  # per-GPU constant spread around the tenant's shape (OpaqueSpec's default)
 
 
 def tenant_phases(n_tenants: int, rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.0, 2.0 * np.pi, n_tenants)
 
 
-def gpu_jitter(n_gpus: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(-GPU_JITTER, GPU_JITTER, n_gpus)
+def gpu_jitter(n_gpus: int, rng: np.random.Generator, spread: float = GPU_JITTER
+               ) -> np.ndarray:
+    return rng.uniform(-spread, spread, n_gpus)
 
 
 def opaque_activity(spec: OpaqueSpec, t_s: float, phase: np.ndarray, jitter: np.ndarray
