@@ -7,11 +7,12 @@ thread only. A fan-out's per-node events are written in one transaction.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from coordinator.store import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS emergencies (
@@ -55,10 +56,7 @@ class Event:
 
 class EmergencyStore:
     def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

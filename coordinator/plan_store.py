@@ -8,9 +8,10 @@ coordinator.rebalancer, and small enough to rewrite whole on every change.
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
+
+from coordinator.store import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rebalance_endpoints (
@@ -25,10 +26,7 @@ CREATE TABLE IF NOT EXISTS rebalance_settings (key TEXT PRIMARY KEY, value TEXT 
 
 class PlanStore:
     def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

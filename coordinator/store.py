@@ -60,14 +60,21 @@ class AuditRecord:
     actor: str
 
 
+def open_db(path: Path | str, schema: str) -> sqlite3.Connection:
+    """The coordinator's SQLite file (autocommit; explicit transactions where needed) with
+    `schema` applied. Every store of the coordinator opens the same file this way."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+    db.executescript(schema)
+    return db
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         # Used from the coordinator's event-loop thread only. (A flush thread was measured: its
         # GIL contention slowed report ingest far more than small batches on the loop do.)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from tests.conftest import console_script, poll
+from tests.conftest import AgentProcess, console_script, free_port, poll, start_agent
 
 
 @dataclass
@@ -83,3 +87,36 @@ def start_coordinator(workdir: Path, port: int, *extra: str,
         coord.stop(signal.SIGKILL)
         raise
     return coord
+
+
+@dataclass
+class Cluster:
+    """A coordinator and labelled sim agents sharing one work dir (topology.yaml, agent.yaml)."""
+
+    workdir: Path
+    port: int
+    coordinator: CoordinatorProcess
+    agents: dict[str, AgentProcess]
+
+
+@contextlib.contextmanager
+def labelled_cluster(workdir: Path, topology: dict[str, Any], agent_config: dict[str, Any],
+                     nodes: dict[str, dict[str, str]], coordinator_args: Sequence[str] = (),
+                     agent_args: Sequence[str] = (), gpus: int = 2) -> Iterator[Cluster]:
+    """Start the coordinator, then one agent per node id with its topology labels; SIGKILL all
+    at the end (the tests that need a graceful stop do it themselves)."""
+    (workdir / "topology.yaml").write_text(yaml.safe_dump(topology))
+    (workdir / "agent.yaml").write_text(yaml.safe_dump(agent_config))
+    port = free_port()
+    c = Cluster(workdir, port, start_coordinator(workdir, port, *coordinator_args), {})
+    try:
+        for node_id, labels in nodes.items():
+            c.agents[node_id] = start_agent(
+                workdir / node_id, "--config", str(workdir / "agent.yaml"), "--node-id", node_id,
+                "--coordinator", c.coordinator.address, *agent_args,
+                "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), sim_gpus=gpus)
+        yield c
+    finally:
+        for a in c.agents.values():
+            a.stop(signal.SIGKILL)
+        c.coordinator.stop(signal.SIGKILL)

@@ -12,17 +12,19 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from coordinator.v1 import coordinator_pb2 as cpb
 from nodeagent.v1 import agent_pb2 as pb
-from tests.conftest import AgentProcess, free_port, poll, run_cli, start_agent
-from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
+from tests.conftest import AgentProcess, poll, run_cli
+from tests.integration.coordinator_proc import (
+    Cluster,
+    CoordinatorProcess,
+    labelled_cluster,
+    start_coordinator,
+)
 
 SUSPECT_AFTER_S, LOST_AFTER_S, LEASE_TTL_S = 1.0, 2.5, 1.5
 COORDINATOR_ARGS = ("--lease-ttl-s", str(LEASE_TTL_S))
@@ -49,38 +51,19 @@ TOPOLOGY = {
 }
 
 
-@dataclass
-class Cluster:
-    workdir: Path
-    port: int
-    coordinator: CoordinatorProcess
-    agents: dict[str, AgentProcess]
+AGENT_CONFIG = {
+    "version": 1,
+    "sampling": {"interval_s": 0.25},
+    "failsafe": {"power_limit_frac": FAILSAFE_FRAC},
+    "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1, "reconnect_max_s": 0.5},
+}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("cluster")
-    (workdir / "topology.yaml").write_text(yaml.safe_dump(TOPOLOGY))
-    (workdir / "agent.yaml").write_text(yaml.safe_dump({
-        "version": 1,
-        "sampling": {"interval_s": 0.25},
-        "failsafe": {"power_limit_frac": FAILSAFE_FRAC},
-        "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1,
-                        "reconnect_max_s": 0.5},
-    }))
-    port = free_port()
-    c = Cluster(workdir, port, start_coordinator(workdir, port, *COORDINATOR_ARGS), {})
-    try:
-        for node_id, labels in NODES.items():
-            c.agents[node_id] = start_agent(
-                workdir / node_id, "--config", str(workdir / "agent.yaml"), "--node-id", node_id,
-                "--coordinator", c.coordinator.address,
-                "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), sim_gpus=2)
+    with labelled_cluster(tmp_path_factory.mktemp("cluster"), TOPOLOGY, AGENT_CONFIG, NODES,
+                          COORDINATOR_ARGS) as c:
         yield c
-    finally:
-        for a in c.agents.values():
-            a.stop(signal.SIGKILL)
-        c.coordinator.stop(signal.SIGKILL)
 
 
 def agent_node(agent: AgentProcess) -> pb.Node:

@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from coordinator.v1 import emergency_pb2 as epb
 from coordinator.v1 import emergency_pb2_grpc as epb_grpc
 from nodeagent.v1 import agent_pb2 as pb
 from shapectl.demo import peak_node_power_w
-from tests.conftest import AgentProcess, free_port, poll, run_cli, start_agent
-from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
+from tests.conftest import AgentProcess, poll, run_cli
+from tests.integration.coordinator_proc import (
+    Cluster,
+    labelled_cluster,
+)
 
 GPUS = 2
 PEAK_W = peak_node_power_w("h100-80gb", GPUS)
@@ -49,37 +49,18 @@ COORDINATOR_ARGS = ("--lease-ttl-s", "60", "--emergency-clear-step-s", "0.3",
                     "--emergency-phase2-after-s", "1", "--emergency-prearm-interval-s", "1")
 
 
-@dataclass
-class Cluster:
-    workdir: Path
-    port: int
-    coordinator: CoordinatorProcess
-    agents: dict[str, AgentProcess]
+AGENT_CONFIG = {
+    "version": 1,
+    "sampling": {"interval_s": 0.2},
+    "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1, "reconnect_max_s": 0.5},
+}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("emergency")
-    (workdir / "topology.yaml").write_text(yaml.safe_dump(TOPOLOGY))
-    (workdir / "agent.yaml").write_text(yaml.safe_dump({
-        "version": 1,
-        "sampling": {"interval_s": 0.2},
-        "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1,
-                        "reconnect_max_s": 0.5},
-    }))
-    port = free_port()
-    c = Cluster(workdir, port, start_coordinator(workdir, port, *COORDINATOR_ARGS), {})
-    try:
-        for node_id, labels in NODES.items():
-            c.agents[node_id] = start_agent(
-                workdir / node_id, "--config", str(workdir / "agent.yaml"), "--node-id", node_id,
-                "--coordinator", c.coordinator.address, "--sim-load", "busy",
-                "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), sim_gpus=GPUS)
+    with labelled_cluster(tmp_path_factory.mktemp("emergency"), TOPOLOGY, AGENT_CONFIG, NODES,
+                          COORDINATOR_ARGS, ("--sim-load", "busy"), GPUS) as c:
         yield c
-    finally:
-        for a in c.agents.values():
-            a.stop(signal.SIGKILL)
-        c.coordinator.stop(signal.SIGKILL)
 
 
 def stub(c: Cluster) -> epb_grpc.EmergencyStub:
