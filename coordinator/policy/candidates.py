@@ -16,6 +16,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from coordinator.policy.model import EndpointSpec, InstanceConfig, RebalanceConfig
 from coordinator.profiles.schema import FULL_GPU, ProfileRow, QueryClass
 from nodeagent.gpu.models import GPU_MODELS, GpuModel
@@ -49,6 +51,21 @@ class Candidate:
             return max(self.msrr_rps.values(), default=0.0)
         per_instance = sum(rps / self.msrr_rps[qc] for qc, rps in demand.items() if rps > 0)
         return total / per_instance if per_instance > 0 else max(self.msrr_rps.values())
+
+
+def capacities_rps(cands: Iterable[Candidate], demand: Mapping[QueryClass, float]
+                   ) -> list[float]:
+    """[c.capacity_rps(demand) for c in cands], the same floats, with the demand read once."""
+    items = [(qc, rps) for qc, rps in demand.items() if rps > 0]
+    total = sum(rps for _, rps in items)
+    out = []
+    for c in cands:
+        if total <= 0:
+            out.append(max(c.msrr_rps.values(), default=0.0))
+            continue
+        per_instance = sum(rps / c.msrr_rps[qc] for qc, rps in items)
+        out.append(total / per_instance if per_instance > 0 else max(c.msrr_rps.values()))
+    return out
 
 
 @dataclass(frozen=True)
@@ -141,27 +158,58 @@ def _candidate(cfg: InstanceConfig, rows: Sequence[ProfileRow], endpoint: Endpoi
     return Candidate(cfg, msrr, power_w, memory_gb, gpus, slices, slots, equiv, not powers)
 
 
-def _dominated(a: Candidate, b: Candidate, demand: Mapping[QueryClass, float]) -> bool:
-    """b dominates a: no worse in GPU share per req/s, power per req/s and granularity."""
-    ca, cb = a.capacity_rps(demand), b.capacity_rps(demand)
-    oa = (a.gpu_equiv / ca, a.power_w / ca, a.gpu_equiv)
-    ob = (b.gpu_equiv / cb, b.power_w / cb, b.gpu_equiv)
-    return all(y <= x + _EPS for x, y in zip(oa, ob, strict=True)) and oa != ob
+def _dominated_mask(objectives: Sequence[np.ndarray]) -> np.ndarray:
+    """Per point (last axis): another point is no worse in every objective (within _EPS) and
+    not equal. All pairs at once; leading axes are independent sets of points."""
+    shape = (*objectives[0].shape, objectives[0].shape[-1])
+    no_worse = np.ones(shape, dtype=bool)  # [..., i, j]: point j no worse than point i
+    differs = np.zeros(shape, dtype=bool)
+    for x in objectives:
+        no_worse &= x[..., None, :] <= x[..., :, None] + _EPS
+        differs |= x[..., None, :] != x[..., :, None]
+    return (no_worse & differs).any(axis=-1)
+
+
+def pareto_fronts(built: Iterable[Candidate], demand: Mapping[QueryClass, float]
+                  ) -> dict[str, list[Candidate]]:
+    """The Pareto-efficient candidates per GPU type, largest GPU share first: none is beaten
+    in GPU share per req/s, power per req/s and GPU share by another of its type."""
+    return pareto_fronts_many([(built, demand)])[0]
+
+
+def pareto_fronts_many(jobs: Sequence[tuple[Iterable[Candidate], Mapping[QueryClass, float]]]
+                       ) -> list[dict[str, list[Candidate]]]:
+    """`pareto_fronts` of each (candidates, demand): sets of equal size are compared in one
+    numpy call (per-endpoint calls on ~16 points are all overhead)."""
+    sets: list[tuple[int, str, list[Candidate], list[float]]] = []  # job, type, cands, caps
+    for k, (built, demand) in enumerate(jobs):
+        by_type: dict[str, list[Candidate]] = defaultdict(list)
+        for c in built:
+            by_type[c.config.gpu_type].append(c)
+        sets += [(k, t, cs, capacities_rps(cs, demand)) for t, cs in by_type.items()]
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, (_, _, cs, _) in enumerate(sets):
+        by_size[len(cs)].append(i)
+    dominated: dict[int, list[bool]] = {}
+    for members in by_size.values():
+        cap = np.array([sets[i][3] for i in members])
+        equiv = np.array([[c.gpu_equiv for c in sets[i][2]] for i in members])
+        power = np.array([[c.power_w for c in sets[i][2]] for i in members])
+        mask = _dominated_mask([equiv / cap, power / cap, equiv]).tolist()
+        dominated.update(zip(members, mask, strict=True))
+    fronts: list[dict[str, list[Candidate]]] = [{} for _ in jobs]
+    for i, (k, t, cs, _) in enumerate(sets):
+        fronts[k][t] = sorted((c for c, out in zip(cs, dominated[i], strict=True) if not out),
+                              key=_order)
+    return fronts
 
 
 def candidates(endpoint: EndpointSpec, demand: Mapping[QueryClass, float],
                rows: Iterable[ProfileRow], gpu_types: Iterable[str], config: RebalanceConfig
                ) -> dict[str, list[Candidate]]:
     """Pareto-efficient candidates per GPU type (types without any are left out)."""
-    groups = _group_rows(rows, endpoint, set(gpu_types))
-    built = [c for cfg, rs in groups.items()
-             if (c := _candidate(cfg, rs, endpoint, demand, config)) is not None]
-    by_type: dict[str, list[Candidate]] = defaultdict(list)
-    for c in built:
-        by_type[c.config.gpu_type].append(c)
-    return {t: sorted((c for c in cs if not any(_dominated(c, o, demand) for o in cs)),
-                      key=lambda c: (-c.gpu_equiv, c.config.describe()))
-            for t, cs in by_type.items()}
+    return pareto_fronts(all_candidates(endpoint, demand, rows, gpu_types, config).values(),
+                         demand)
 
 
 def all_candidates(endpoint: EndpointSpec, demand: Mapping[QueryClass, float],
@@ -173,9 +221,39 @@ def all_candidates(endpoint: EndpointSpec, demand: Mapping[QueryClass, float],
             if (c := _candidate(cfg, rs, endpoint, demand, config)) is not None}
 
 
+class CandidateCache:
+    """`all_candidates` memoized for one rebalance: a candidate depends on the endpoint only
+    through its allowed models and quantizations, its SLO and which classes have demand, so
+    endpoints sharing those share the (identity-keyed, read-only) candidates."""
+
+    def __init__(self, rows: Iterable[ProfileRow], gpu_types: Iterable[str],
+                 config: RebalanceConfig) -> None:
+        self._rows, self._gpu_types, self._config = list(rows), set(gpu_types), config
+        self._groups: dict[tuple, dict[InstanceConfig, list[ProfileRow]]] = {}
+        self._built: dict[tuple, dict[InstanceConfig, Candidate]] = {}
+
+    def all_candidates(self, endpoint: EndpointSpec, demand: Mapping[QueryClass, float]
+                       ) -> dict[InstanceConfig, Candidate]:
+        floor = (frozenset(endpoint.models), frozenset(endpoint.allowed_quantizations))
+        needed = frozenset(qc for qc, rps in demand.items() if rps > 0)
+        key = (*floor, endpoint.slo_p95_s, needed)
+        if key not in self._built:
+            if floor not in self._groups:
+                self._groups[floor] = _group_rows(self._rows, endpoint, self._gpu_types)
+            self._built[key] = {
+                cfg: c for cfg, rs in self._groups[floor].items()
+                if (c := _candidate(cfg, rs, endpoint, demand, self._config)) is not None}
+        return dict(self._built[key])
+
+
+def _order(c: Candidate) -> tuple[float, str]:
+    """How a Mix lists its candidates: largest GPU share first, then by name."""
+    return (-c.gpu_equiv, c.config.describe())
+
+
 def _mix(parts: dict[Candidate, int]) -> Mix:
     counts = tuple(sorted(((c, n) for c, n in parts.items() if n > 0),
-                          key=lambda cn: (-cn[0].gpu_equiv, cn[0].config.describe())))
+                          key=lambda cn: _order(cn[0])))
     return Mix(counts, sum(c.gpu_equiv * n for c, n in counts),
                sum(c.power_w * n for c, n in counts))
 
@@ -189,36 +267,77 @@ def size_endpoint(endpoint: EndpointSpec, demand: Mapping[QueryClass, float],
     candidate covering the remainder (a MIG slice for sub-GPU demand, OASIS Algorithm 1), so
     each mix covers demand x (1 + headroom) and respects min/max instances.
     """
-    mixes: dict[tuple, Mix] = {}
     total = sum(v for v in demand.values() if v > 0)
+    if total <= 0:
+        return _idle_mixes(endpoint, cands, limit)
+    units_of = {c: c.load_units(demand, config.headroom_frac) for c in cands}
+    order = {c: _order(c) for c in cands}
+    pairs = []  # (rank, primary, its count, tail, its count), in enumeration order
     for p in cands:
-        if total <= 0:
-            parts = {p: endpoint.min_instances}
-            m = _mix(parts)
-            mixes[tuple((c.config, n) for c, n in m.counts)] = m
-            continue
-        units = p.load_units(demand, config.headroom_frac)
+        units = units_of[p]
         whole = math.floor(units + _EPS)
         rest = max(0.0, (units - whole) / units)
-        tails = cands if rest > _EPS else (p,)
-        for t in tails:
-            n_tail = math.ceil(rest * t.load_units(demand, config.headroom_frac) - _EPS)
-            parts: dict[Candidate, int] = defaultdict(int)
-            parts[p] += whole
-            parts[t] += n_tail
-            m = _with_min_instances(_mix(parts), endpoint)
-            if m.instances <= endpoint.max_instances:
-                mixes[tuple((c.config, n) for c, n in m.counts)] = m
+        for t in cands if rest > _EPS else (p,):
+            n_tail = math.ceil(rest * units_of[t] - _EPS)
+            rank = _pair_rank(p, whole, t, n_tail, order, endpoint.min_instances)
+            if rank[2] <= endpoint.max_instances:
+                pairs.append((rank, p, whole, t, n_tail))
+    # Rank the pairs first and build Mixes only for the best: a stable sort keeps the first
+    # of equal ranks first, as ranking the distinct mixes in enumeration order would.
+    pairs.sort(key=lambda pair: pair[0])
+    mixes: dict[tuple, Mix] = {}
+    for _, p, whole, t, n_tail in pairs:
+        if len(mixes) >= limit:
+            break
+        counts = _pair_counts(p, whole, t, n_tail, order, endpoint.min_instances)
+        key = tuple((c.config, n) for c, n in counts)
+        if key not in mixes:  # a repeat has the same rank, so it ranks right after
+            mixes[key] = Mix(counts, sum(c.gpu_equiv * n for c, n in counts),
+                             sum(c.power_w * n for c, n in counts))
+    return list(mixes.values())
+
+
+def _idle_mixes(endpoint: EndpointSpec, cands: Sequence[Candidate], limit: int) -> list[Mix]:
+    """No demand: min_instances of each candidate."""
+    mixes: dict[tuple, Mix] = {}
+    for p in cands:
+        m = _mix({p: endpoint.min_instances})
+        mixes[tuple((c.config, n) for c, n in m.counts)] = m
     ranked = sorted(mixes.values(), key=lambda m: (round(m.gpu_equiv, 6), m.power_w,
                                                    m.instances))
     return ranked[:limit]
 
 
-def _with_min_instances(m: Mix, endpoint: EndpointSpec) -> Mix:
-    missing = endpoint.min_instances - m.instances
-    if missing <= 0 or not m.counts:
-        return m
-    smallest = min((c for c, _ in m.counts), key=lambda c: c.gpu_equiv)
-    parts = dict(m.counts)
+def _pair_rank(p: Candidate, n_p: int, t: Candidate, n_t: int,
+               order: Mapping[Candidate, tuple[float, str]], min_instances: int
+               ) -> tuple[float, float, int]:
+    """(GPU-equivalents rounded, power, instances) of the pair's Mix, without building it:
+    with one or two terms the sums equal the Mix's whatever their order."""
+    n = n_p + n_t
+    if n < max(min_instances, 1):  # rare: topped up to min_instances
+        counts = _pair_counts(p, n_p, t, n_t, order, min_instances)
+        return (round(sum(c.gpu_equiv * k for c, k in counts), 6),
+                sum(c.power_w * k for c, k in counts), sum(k for _, k in counts))
+    if t is p:
+        return round(p.gpu_equiv * n, 6), p.power_w * n, n
+    return (round(p.gpu_equiv * n_p + t.gpu_equiv * n_t, 6), p.power_w * n_p + t.power_w * n_t,
+            n)
+
+
+def _pair_counts(p: Candidate, n_p: int, t: Candidate, n_t: int,
+                 order: Mapping[Candidate, tuple[float, str]], min_instances: int
+                 ) -> tuple[tuple[Candidate, int], ...]:
+    """The counts of the Mix of n_p x p plus n_t x t, ordered as `_mix` orders them, the
+    smallest candidate topped up to min_instances."""
+    if t is p:
+        items = [(p, n_p + n_t)]
+    else:
+        items = [(p, n_p), (t, n_t)] if order[p] <= order[t] else [(t, n_t), (p, n_p)]
+    counts = [(c, n) for c, n in items if n > 0]
+    missing = min_instances - sum(n for _, n in counts)
+    if missing <= 0 or not counts:
+        return tuple(counts)
+    smallest = min((c for c, _ in counts), key=lambda c: c.gpu_equiv)
+    parts = dict(counts)
     parts[smallest] += missing
-    return _mix(parts)
+    return tuple(sorted(parts.items(), key=lambda cn: order[cn[0]]))

@@ -65,6 +65,7 @@ class Ledger:
         self.row_w: dict[str, float] = {}
         self.aisle_cfm: dict[str, float] = {}
         self._journal: list[tuple[str, float]] | None = None
+        self._power_memo: dict[tuple[str, int, float, float], tuple[float, float]] = {}
         for node_id, shape in nodes.items():
             p, a = node_power_w(shape, self.gpu_w.get(node_id, 0.0))
             self.node_w[node_id], self.node_cfm[node_id] = p, a
@@ -80,8 +81,17 @@ class Ledger:
         return float("inf") if limit is None else limit - self.aisle_cfm.get(aisle, 0.0)
 
     def _after(self, node_id: str, delta_gpu_w: float) -> tuple[float, float]:
-        p, a = node_power_w(self.shapes[node_id], self.gpu_w.get(node_id, 0.0) + delta_gpu_w)
+        shape = self.shapes[node_id]
+        p, a = self._node_power_w(shape, self.gpu_w.get(node_id, 0.0) + delta_gpu_w)
         return p - self.node_w[node_id], a - self.node_cfm[node_id]
+
+    def _node_power_w(self, shape: NodeShape, gpu_w: float) -> tuple[float, float]:
+        """node_power_w(), memoized: nodes of one shape often reach the same GPU power."""
+        key = (shape.gpu_type, shape.n_gpus, shape.max_gpu_power_w, gpu_w)
+        out = self._power_memo.get(key)
+        if out is None:
+            out = self._power_memo[key] = node_power_w(shape, gpu_w)
+        return out
 
     def violation(self, node_id: str, delta_gpu_w: float) -> str:
         """'' when the change keeps the node's row and aisle within limits, else why not.

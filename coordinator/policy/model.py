@@ -39,6 +39,7 @@ class GpuState:
     # Used by something that is not an instance of a managed endpoint (an opaque VM or job):
     # never a bin for the rebalancer, and its measured power stays in the row's budget.
     reserved: bool = False
+    emergency_cap_w: float = 0.0  # an emergency power ceiling in force below the maximum; 0 = none
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.policy.candidates import MIG_COMPUTE_SLICES, MIG_MEMORY_SLOTS, Candidate
-from coordinator.policy.ledger import Ledger, gpu_temp_c, gpu_temp_limit_c
+from coordinator.policy.ledger import Ledger, gpu_temp_limit_c
 from coordinator.policy.model import Limits, NodeState
 from nodeagent.errors import InvalidArgument
 from nodeagent.gpu.mig import place_mig_layout
@@ -36,6 +36,8 @@ class GpuBin:
     idle_w: float
     reserved: bool = False
     power_w: float = 0.0
+    c_per_w: float = 0.1  # steady temperature rise per W (the GPU model's thermal_c_per_w)
+    temp_limit_c: float = 0.0  # slowdown less the thermal headroom (gpu_temp_limit_c)
     occupants: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # key->slices..
     mode: str = "free"  # free | full | mig_fresh | mig_existing | reserved
     fresh_layout: list[str] = field(default_factory=list)  # profiles laid out in this plan
@@ -71,6 +73,7 @@ class Packer:
         self._free_count: dict[str, int] = {}
         self._open_mig: dict[str, dict[tuple[str, int], None]] = {}  # type -> open MIG bins
         self._layout_ok: dict[tuple[str, tuple[str, ...]], bool] = {}
+        self._slot_ok: dict[tuple[str, tuple[str, ...], str], bool] = {}
         self._journal: list[tuple[GpuBin, tuple]] | None = None
         for node in nodes:
             self._add_node(node)
@@ -87,6 +90,8 @@ class Packer:
                        model.power.max_w, model.idle_power_w,
                        reserved=g.reserved or not g.healthy)
             b.power_w = g.power_draw_w if b.reserved else model.idle_power_w
+            b.c_per_w = model.thermal_c_per_w
+            b.temp_limit_c = gpu_temp_limit_c(g.gpu_type, self.limits)
             b.mode = "reserved" if b.reserved else "free"
             self.gpus[(node.node_id, g.index)] = b
             bins.append(b)
@@ -192,9 +197,10 @@ class Packer:
         return self._place_full(key, cand)
 
     def _thermal_ok(self, b: GpuBin, extra_w: float) -> bool:
-        return (gpu_temp_c(b.inlet_c, b.gpu_type, b.power_w + extra_w)
-                <= gpu_temp_limit_c(b.gpu_type, self.limits) + _EPS
-                and b.power_w + extra_w <= b.max_w + _EPS)
+        power_w = b.power_w + extra_w
+        # gpu_temp_c() with the bin's constants (a hot path: every free GPU of a scanned node)
+        return (b.inlet_c + b.c_per_w * power_w <= b.temp_limit_c + _EPS
+                and power_w <= b.max_w + _EPS)
 
     def _node_fit_score(self, node_id: str, free: int, cand: Candidate) -> float:
         shape = self.ledger.shapes[node_id]
@@ -212,14 +218,15 @@ class Packer:
         buckets = self._free.get(t, {})
         for free in sorted(n for n in buckets if n >= tp):
             options = []
-            for node_id in list(buckets.get(free, {})):
-                chosen = self._free_bins(node_id, tp, cand)
-                if chosen is not None:
-                    options.append((self._node_fit_score(node_id, free, cand), node_id, chosen))
+            for node_id in buckets.get(free, {}):  # not mutated before the loop ends
+                ok = self._fitting_bins(node_id, tp, cand)
+                if ok is not None:
+                    options.append((self._node_fit_score(node_id, free, cand), node_id, ok))
                     if len(options) >= NODE_SCAN_LIMIT:
                         break
             if options:
-                _, node_id, chosen = max(options, key=lambda o: o[0])
+                _, node_id, ok = max(options, key=lambda o: o[0])
+                chosen = _coolest(ok, tp)
                 for b in chosen:
                     self._touch(b)
                     self._set_free(b, False)
@@ -231,23 +238,37 @@ class Packer:
     def _free_bins(self, node_id: str, n: int, cand: Candidate,
                    per_gpu_w: float | None = None) -> list[GpuBin] | None:
         """n free GPUs of the node that stay within thermal limits, if the ledger allows."""
+        ok = self._fitting_bins(node_id, n, cand, per_gpu_w)
+        return None if ok is None else _coolest(ok, n)
+
+    def _fitting_bins(self, node_id: str, n: int, cand: Candidate,
+                      per_gpu_w: float | None = None) -> list[GpuBin] | None:
+        """The node's free GPUs that stay within thermal limits, when at least n do and the
+        ledger allows n of them; in node order."""
         free = [b for b in self.node_gpus[node_id] if b.mode == "free"]
         extra = (cand.power_w / n if per_gpu_w is None else per_gpu_w) - (free[0].idle_w
                                                                           if free else 0.0)
         ok = [b for b in free if self._thermal_ok(b, extra)]
         if len(ok) < n or self.ledger.violation(node_id, extra * n):
             return None
-        ok.sort(key=lambda b: b.inlet_c + b.power_w)  # coolest first
-        return ok[:n]
+        return ok
 
     def _mig_fits(self, b: GpuBin, cand: Candidate) -> bool:
+        return self._slot_fits(b, cand) and self._mig_power_fits(b, cand)
+
+    def _mig_power_fits(self, b: GpuBin, cand: Candidate) -> bool:
         extra = cand.power_w - cand.gpu_equiv * b.idle_w
-        if not self._thermal_ok(b, extra) or self.ledger.violation(b.node_id, extra):
-            return False
+        return self._thermal_ok(b, extra) and not self.ledger.violation(b.node_id, extra)
+
+    def _slot_fits(self, b: GpuBin, cand: Candidate) -> bool:
+        """The GPU has (or can lay out) a slice of the candidate's profile."""
         if b.mode == "mig_existing":
             return bool(b.free_slices.get(cand.config.mig_profile))
-        names = tuple(sorted([*b.fresh_layout, cand.config.mig_profile]))
-        return self._layout_fits(b.gpu_type, names)
+        key = (b.gpu_type, tuple(b.fresh_layout), cand.config.mig_profile)
+        if key not in self._slot_ok:  # memo: every open bin is asked on every MIG placement
+            names = tuple(sorted([*b.fresh_layout, cand.config.mig_profile]))
+            self._slot_ok[key] = self._layout_fits(b.gpu_type, names)
+        return self._slot_ok[key]
 
     def _layout_fits(self, gpu_type: str, names: tuple[str, ...]) -> bool:
         memo_key = (gpu_type, names)
@@ -269,14 +290,9 @@ class Packer:
 
     def _place_mig(self, key: str, cand: Candidate) -> Placed | None:
         opened = self._open_mig.get(cand.config.gpu_type, {})
-        options = [(self._mig_score(b, cand), b) for k in opened
-                   if self._mig_fits(b := self.gpus[k], cand)]
-        if options:
-            b = max(options, key=lambda o: o[0])[1]
-        else:
-            b = self._open_fresh_mig(cand)
-            if b is None:
-                return None
+        b = self._best_open_mig(opened, cand) or self._open_fresh_mig(cand)
+        if b is None:
+            return None
         self._touch(b)
         uuid = ""
         if b.mode == "mig_existing":
@@ -288,6 +304,16 @@ class Packer:
         if slices >= MIG_COMPUTE_SLICES:
             opened.pop((b.node_id, b.index), None)
         return Placed(key, b.node_id, (b.index,), uuid)
+
+    def _best_open_mig(self, opened: dict[tuple[str, int], None], cand: Candidate
+                       ) -> GpuBin | None:
+        """The best-scoring open MIG bin that fits (the first such in `opened` on a tie).
+
+        Scores are cheap and the power check (thermal, ledger) is not: check the bins with a
+        free slot in score order and stop at the first that fits, the bin a full scan picks."""
+        bins = [b for k in opened if self._slot_fits(b := self.gpus[k], cand)]
+        order = sorted(range(len(bins)), key=lambda i: (-self._mig_score(bins[i], cand), i))
+        return next((bins[i] for i in order if self._mig_power_fits(bins[i], cand)), None)
 
     def _open_fresh_mig(self, cand: Candidate) -> GpuBin | None:
         buckets = self._free.get(cand.config.gpu_type, {})
@@ -321,6 +347,10 @@ class Packer:
     def full_on_mig(self) -> list[GpuBin]:
         """GPUs now hosting a whole-GPU instance whose MIG mode is on (must be turned off)."""
         return [b for b in self.gpus.values() if b.mode == "full" and b.mig_enabled_now]
+
+
+def _coolest(bins: list[GpuBin], n: int) -> list[GpuBin]:
+    return sorted(bins, key=lambda b: b.inlet_c + b.power_w)[:n]
 
 
 def _score(fit: str, item: list[float], residual: list[float]) -> float:

@@ -77,35 +77,35 @@ def stage_plan(starts: Sequence[StartOp], stops: Sequence[StopOp],
 
 
 def _take_starts(pending: list[StartOp], state: _State, ledger: Ledger) -> list[StartOp]:
-    taken = []
-    for op in list(pending):
-        if any(state.on_gpu.get(g) for g in op.needs_empty):
-            continue
-        if op.needs_slice and op.needs_slice in state.slice_holder:
-            continue
-        if ledger.violation(op.action.node_id, op.extra_gpu_w):
+    taken, left = [], []
+    for op in pending:
+        if (any(state.on_gpu.get(g) for g in op.needs_empty)
+                or (op.needs_slice and op.needs_slice in state.slice_holder)
+                or ledger.violation(op.action.node_id, op.extra_gpu_w)):
+            left.append(op)
             continue
         ledger.apply(op.action.node_id, op.extra_gpu_w)
-        pending.remove(op)
         taken.append(op)
+    pending[:] = left  # not list.remove: comparing frozen dataclasses field by field is O(n²)
     return taken
 
 
 def _take_stops(pending: list[StopOp], state: _State, demand_rps: Mapping[str, float],
                 ledger: Ledger) -> list[StopOp]:
-    taken = []
-    for op in list(pending):
+    taken, waiting = [], []
+    for op in pending:
         ep = op.action.endpoint
         left = state.capacity_rps.get(ep, 0.0) - op.capacity_rps
         if left + _EPS < demand_rps.get(ep, 0.0):
+            waiting.append(op)
             continue
         state.capacity_rps[ep] = left
         for g in op.gpus:
             state.on_gpu[g].discard(op.action.instance_id)
         state.slice_holder.pop(op.mig_uuid, None)
         ledger.apply(op.action.node_id, -op.extra_gpu_w)
-        pending.remove(op)
         taken.append(op)
+    pending[:] = waiting
     return taken
 
 
