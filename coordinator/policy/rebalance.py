@@ -300,6 +300,10 @@ def _decide(endpoints: Sequence[_Endpoint], config: RebalanceConfig
 
 def _want_change(ep: _Endpoint, config: RebalanceConfig) -> tuple[_Change | None, str]:
     if not ep.mixes:
+        if ep.known:  # configurations exist, but none covers the demand within the cap
+            return None, (f"covering {ep.total_rps * (1 + config.headroom_frac):.2f} req/s "
+                          f"needs more than max_instances={ep.spec.max_instances} instances of "
+                          "any profiled configuration; kept as is")
         return None, ("no profiled configuration meets its SLO and quality floor on these GPUs; "
                       "kept as is")
     best = ep.mixes[0]
