@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodeagent.v1 import agent_pb2 as pb
 from nodeagent.v1 import agent_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from shapectl.demo import free_port
 
 
 def start_agent(

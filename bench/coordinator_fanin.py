@@ -18,7 +18,6 @@ import asyncio
 import multiprocessing as mp
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import yaml
 from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from nodeagent.v1 import agent_pb2 as pb
+from shapectl.demo import free_port
 
 NODES_PER_RACK = 10
 RACKS_PER_ROW = 10
@@ -160,12 +160,6 @@ def reporter_process(address: str, indices: list[int], total: int, stop_at: floa
 
 
 # ---------------------------------------------------------------- the bench
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_coordinator(workdir: Path, nodes: int) -> tuple[subprocess.Popen[bytes], str]:

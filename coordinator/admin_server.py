@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from coordinator.core import CoordinatorCore
 from coordinator.link_server import AgentLinkServicer
+from coordinator.servicer_util import actor_of, answer_async
 from coordinator.state import NodeSummary, Rollup, summarize
 from coordinator.v1 import coordinator_pb2 as pb
 from coordinator.v1 import coordinator_pb2_grpc
-from nodeagent import errors
 from nodeagent.authz import Principal
 from nodeagent.v1 import agent_pb2
-
-ACTOR_METADATA_KEY = "x-shapeshifter-actor"
-T = TypeVar("T")
 
 
 # vars(), not dataclasses.asdict(): the types are flat, and asdict's deep copy is slow.
@@ -50,7 +47,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             return pb.NodeStatus(summary=summary_pb(summarize(view, self._core.topology.liveness)),
                                  last_report=rec.report, lease=rec.lease)
 
-        return await _translate(context, get)
+        return await answer_async(context, get)
 
     async def GetCluster(self, request: pb.GetClusterRequest,
                          context: grpc.aio.ServicerContext) -> pb.ClusterStatus:
@@ -111,7 +108,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             report = rec.report or agent_pb2.Node()
             return agent_pb2.ListInstancesResponse(instances=report.instances)
 
-        return await _translate(context, listed)
+        return await answer_async(context, listed)
 
     async def ListAudit(self, request: pb.ListAuditRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListAuditResponse:
@@ -130,17 +127,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def _pass_through(self, node_id: str, action: agent_pb2.Action,
                             context: grpc.aio.ServicerContext) -> agent_pb2.ActionResult:
-        metadata = dict(context.invocation_metadata() or ())
-        actor = str(metadata.get(ACTOR_METADATA_KEY) or context.peer())
-        who = self._identify(context)
-        if who is not None:  # authenticated: that identity, the claimed actor only as a note
-            actor = f"{who.describe()}; claims {actor}"
-        return await _translate(context, lambda: self._core.pass_through(node_id, action, actor))
-
-
-async def _translate(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except errors.DomainError as err:
-        await context.abort(errors.grpc_code(err), str(err))
-        raise  # unreachable: abort raises
+        actor = actor_of(context, self._identify)
+        return await answer_async(context,
+                                  lambda: self._core.pass_through(node_id, action, actor))

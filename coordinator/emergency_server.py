@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from coordinator.admin_server import ACTOR_METADATA_KEY
 from coordinator.emergency import EmergencyController, EmergencyView
+from coordinator.servicer_util import actor_of, answer, answer_async
 from coordinator.v1 import emergency_pb2 as epb
 from coordinator.v1 import emergency_pb2_grpc
-from nodeagent import errors
 from nodeagent.authz import Principal
 
 
@@ -43,51 +42,31 @@ class EmergencyServicer(emergency_pb2_grpc.EmergencyServicer):
 
     async def DeclareEmergency(self, request: epb.DeclareEmergencyRequest,
                                context: grpc.aio.ServicerContext) -> epb.EmergencyStatus:
-        actor = self._actor(context)
+        actor = actor_of(context, self._identify)
 
         async def declare() -> epb.EmergencyStatus:
             return status_pb(await self._c.declare_and_send(
                 request.scope, request.name, request.kind, request.capacity_frac,
                 request.capacity_w, request.capacity_cfm, request.source, request.note, actor))
 
-        return await _translate_async(context, declare)
+        return await answer_async(context, declare)
 
     async def ClearEmergency(self, request: epb.ClearEmergencyRequest,
                              context: grpc.aio.ServicerContext) -> epb.EmergencyStatus:
-        actor = self._actor(context)
-        return await _translate(context, lambda: status_pb(
+        actor = actor_of(context, self._identify)
+        return await answer(context, lambda: status_pb(
             self._c.clear(request.emergency_id, request.note, actor)))
 
     async def GetEmergency(self, request: epb.GetEmergencyRequest,
                            context: grpc.aio.ServicerContext) -> epb.EmergencyStatus:
-        return await _translate(context, lambda: status_pb(self._c.view(request.emergency_id)))
+        return await answer(context, lambda: status_pb(self._c.view(request.emergency_id)))
 
     async def ListEmergencies(self, request: epb.ListEmergenciesRequest,
                               context: grpc.aio.ServicerContext) -> epb.ListEmergenciesResponse:
-        return await _translate(context, lambda: epb.ListEmergenciesResponse(
+        return await answer(context, lambda: epb.ListEmergenciesResponse(
             emergencies=[status_pb(v) for v in self._c.list(request.active_only)],
             prearmed_nodes=self._c.prearmed_nodes))
 
-    def _actor(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        actor = str(metadata.get(ACTOR_METADATA_KEY) or context.peer())
-        who = self._identify(context)
-        return actor if who is None else f"{who.describe()}; claims {actor}"
-
-
-async def _translate(context: grpc.aio.ServicerContext, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except errors.DomainError as err:
-        await context.abort(errors.grpc_code(err), str(err))
-
-
-async def _translate_async(context: grpc.aio.ServicerContext,
-                           fn: Callable[[], Awaitable[Any]]) -> Any:
-    try:
-        return await fn()
-    except errors.DomainError as err:
-        await context.abort(errors.grpc_code(err), str(err))
 
 
 def add_emergency_service(server: grpc.aio.Server, controller: EmergencyController,

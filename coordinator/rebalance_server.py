@@ -3,22 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
-from coordinator.admin_server import ACTOR_METADATA_KEY
 from coordinator.policy.model import EndpointSpec
 from coordinator.rebalance_snapshot import EndpointDecl
 from coordinator.rebalancer import Rebalancer
+from coordinator.servicer_util import Identify, actor_of, answer
 from coordinator.v1 import rebalance_pb2 as rpb
 from coordinator.v1 import rebalance_pb2_grpc
-from nodeagent import errors
-from nodeagent.authz import Principal
-
-Identify = Callable[[Any], Principal | None]
 
 
 def decl_from_pb(e: rpb.Endpoint) -> EndpointDecl:
@@ -52,31 +47,31 @@ class PlannerServicer(rebalance_pb2_grpc.PlannerServicer):
         self._identify = identify
 
     async def SetEndpoint(self, request: rpb.Endpoint, context: Any) -> rpb.Endpoint:
-        actor = _actor(context, self._identify)
-        return await _translate(context, lambda: endpoint_pb(
+        actor = actor_of(context, self._identify)
+        return await answer(context, lambda: endpoint_pb(
             self._r.set_endpoint(decl_from_pb(request), actor), 0.0))
 
     async def DeleteEndpoint(self, request: rpb.DeleteEndpointRequest,
                              context: Any) -> rpb.DeleteEndpointResponse:
-        actor = _actor(context, self._identify)
-        return await _translate(context, lambda: (
+        actor = actor_of(context, self._identify)
+        return await answer(context, lambda: (
             self._r.delete_endpoint(request.name, actor), rpb.DeleteEndpointResponse())[1])
 
     async def ListEndpoints(self, request: rpb.ListEndpointsRequest,
                             context: Any) -> rpb.ListEndpointsResponse:
-        return await _translate(context, lambda: rpb.ListEndpointsResponse(
+        return await answer(context, lambda: rpb.ListEndpointsResponse(
             endpoints=[endpoint_pb(d, rps) for d, rps in self._r.endpoints()]))
 
     async def ProposePlan(self, request: rpb.ProposePlanRequest, context: Any) -> rpb.PlanStatus:
-        actor = _actor(context, self._identify)
-        return await _translate(context, lambda: plan_pb(self._r.propose("operator", actor)))
+        actor = actor_of(context, self._identify)
+        return await answer(context, lambda: plan_pb(self._r.propose("operator", actor)))
 
     async def GetPlan(self, request: rpb.GetPlanRequest, context: Any) -> rpb.PlanStatus:
-        return await _translate(context, lambda: plan_pb(self._r.plan(request.plan_id)))
+        return await answer(context, lambda: plan_pb(self._r.plan(request.plan_id)))
 
     async def ListPlans(self, request: rpb.ListPlansRequest,
                         context: Any) -> rpb.ListPlansResponse:
-        return await _translate(context, lambda: rpb.ListPlansResponse(
+        return await answer(context, lambda: rpb.ListPlansResponse(
             plans=[plan_pb(d, with_stages=False) for d in self._r.plans(request.limit)]))
 
     async def GetPlanDiff(self, request: rpb.GetPlanRequest, context: Any) -> rpb.PlanDiff:
@@ -84,22 +79,22 @@ class PlannerServicer(rebalance_pb2_grpc.PlannerServicer):
             plan_id, lines = self._r.diff(request.plan_id)
             return rpb.PlanDiff(plan_id=plan_id, lines=lines)
 
-        return await _translate(context, diff)
+        return await answer(context, diff)
 
     async def ApplyPlan(self, request: rpb.ApplyPlanRequest, context: Any) -> rpb.PlanStatus:
-        actor = _actor(context, self._identify)
+        actor = actor_of(context, self._identify)
         if not request.plan_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "plan_id must not be empty (see `shapectl plan show`)")
-        return await _translate(context, lambda: plan_pb(self._r.apply(request.plan_id, actor)))
+        return await answer(context, lambda: plan_pb(self._r.apply(request.plan_id, actor)))
 
     async def SetMode(self, request: rpb.SetModeRequest, context: Any) -> rpb.ModeStatus:
-        actor = _actor(context, self._identify)
-        return await _translate(context, lambda: (
+        actor = actor_of(context, self._identify)
+        return await answer(context, lambda: (
             self._r.set_mode(request.mode, actor), self._mode())[1])
 
     async def GetMode(self, request: rpb.GetModeRequest, context: Any) -> rpb.ModeStatus:
-        return await _translate(context, self._mode)
+        return await answer(context, self._mode)
 
     def _mode(self) -> rpb.ModeStatus:
         mode, interval_s, last_s, last_id = self._r.mode_status()
@@ -121,7 +116,7 @@ class PlacementServicer(rebalance_pb2_grpc.PlacementServicer):
                 row_mix_opaque_frac_after=n.row_mix_opaque_frac_after, reason=n.reason)
                 for n in nodes])
 
-        return await _translate(context, placed)
+        return await answer(context, placed)
 
 
 class RoutingServicer(rebalance_pb2_grpc.RoutingServicer):
@@ -130,7 +125,7 @@ class RoutingServicer(rebalance_pb2_grpc.RoutingServicer):
 
     async def GetRoutingWeights(self, request: rpb.GetRoutingWeightsRequest,
                                 context: Any) -> rpb.RoutingWeights:
-        return await _translate(context, lambda: routing_pb(self._r, request.endpoint,
+        return await answer(context, lambda: routing_pb(self._r, request.endpoint,
                                                             request.mode))
 
 
@@ -145,20 +140,6 @@ def routes_json(r: Rebalancer, endpoint: str, mode: str) -> dict[str, Any]:
     return json_format.MessageToDict(routing_pb(r, endpoint, mode),
                                      preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
-
-
-def _actor(context: Any, identify: Identify) -> str:
-    metadata = dict(context.invocation_metadata() or ())
-    actor = str(metadata.get(ACTOR_METADATA_KEY) or context.peer())
-    who = identify(context)
-    return actor if who is None else f"{who.describe()}; claims {actor}"
-
-
-async def _translate(context: Any, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except errors.DomainError as err:
-        await context.abort(errors.grpc_code(err), str(err))
 
 
 def add_rebalance_services(server: grpc.aio.Server, r: Rebalancer,

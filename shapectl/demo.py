@@ -94,6 +94,7 @@ def demo_topology(nodes: int, gpu_type: str, gpus: int, row_limit_frac: float = 
 
 
 def free_port() -> int:
+    """A loopback port the OS says is free now (bind port 0). Tiny race; fine on one host."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

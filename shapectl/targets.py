@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from coordinator.servicer_util import ACTOR_METADATA_KEY
 from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from nodeagent.v1 import agent_pb2 as pb
@@ -91,7 +92,7 @@ class AgentTarget:
 
 def actor_metadata() -> tuple[tuple[str, str], ...]:
     """Who is acting, for the coordinator's audit log."""
-    return (("x-shapeshifter-actor", f"shapectl:{getpass.getuser()}@{socket.gethostname()}"),)
+    return ((ACTOR_METADATA_KEY, f"shapectl:{getpass.getuser()}@{socket.gethostname()}"),)
 
 
 class CoordinatorTarget:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodeagent.v1 import agent_pb2_grpc
+from shapectl.demo import free_port
 
 STARTUP_TIMEOUT_S = 20.0
 BIN_DIR = Path(sys.executable).parent
 # ../shared beside the checkout (DESIGN.md, the seed papers, the Azure trace); CI provides it.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-
-
-def free_port() -> int:
-    """A port the OS says is free now (bind port 0). Tiny race; fine on a test machine."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def console_script(name: str) -> list[str]:
@@ -107,15 +100,22 @@ class AgentProcess:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"agent ignored signal {sig}:\n{self.log_text()}") from None
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout_s, lambda: f"agent:\n{self.log_text()}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout_s: float,
+                 describe: Callable[[], str]) -> int:
+    """Send sig and wait for the exit code; a process that ignores it is killed and the test
+    fails with describe() (e.g. its log)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"ignored signal {sig}: {describe()}") from None
+    return proc.returncode
 
 
 def start_agent(

@@ -17,7 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from tests.conftest import AgentProcess, console_script, free_port, poll, start_agent
+from tests.conftest import (
+    AgentProcess,
+    console_script,
+    free_port,
+    poll,
+    start_agent,
+    stop_process,
+)
 
 
 @dataclass
@@ -47,15 +54,7 @@ class CoordinatorProcess:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"coordinator ignored {sig}:\n{self.log_text()}") from None
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout_s, lambda: f"coordinator:\n{self.log_text()}")
 
 
 def start_coordinator(workdir: Path, port: int, *extra: str,

@@ -1,0 +1,41 @@
+"""What every coordinator servicer shares: who the caller is (for the audit log), and the one
+DomainError -> gRPC status translation."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from nodeagent import errors
+from nodeagent.authz import Principal
+
+ACTOR_METADATA_KEY = "x-shapeshifter-actor"
+Identify = Callable[[Any], Principal | None]
+T = TypeVar("T")
+
+
+def actor_of(context: Any, identify: Identify) -> str:
+    """The audit log's actor: the authenticated identity when auth is on (the client's claimed
+    actor kept only as a note), else the claim or the peer address."""
+    metadata = dict(context.invocation_metadata() or ())
+    actor = str(metadata.get(ACTOR_METADATA_KEY) or context.peer())
+    who = identify(context)
+    return actor if who is None else f"{who.describe()}; claims {actor}"
+
+
+async def answer(context: Any, fn: Callable[[], T]) -> T:
+    """fn() (a synchronous domain call); a DomainError aborts the RPC with its status code."""
+    try:
+        return fn()
+    except errors.DomainError as err:
+        await context.abort(errors.grpc_code(err), str(err))
+        raise  # unreachable: abort raises
+
+
+async def answer_async(context: Any, fn: Callable[[], Awaitable[T]]) -> T:
+    """await fn(); a DomainError aborts the RPC with its status code."""
+    try:
+        return await fn()
+    except errors.DomainError as err:
+        await context.abort(errors.grpc_code(err), str(err))
+        raise  # unreachable: abort raises
