@@ -62,6 +62,11 @@ class PlanStore:
                                 "created_at_unix_s DESC, rowid DESC LIMIT ?", (limit,))
         return [json.loads(r[0]) for r in rows.fetchall()]
 
+    def plans_in_state(self, state: str) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT doc_json FROM rebalance_plans WHERE state = ? ORDER BY "
+                                "created_at_unix_s, rowid", (state,))
+        return [json.loads(r[0]) for r in rows.fetchall()]
+
     # ---------------------------------------------------------------- settings
 
     def get_setting(self, key: str) -> str | None:

@@ -193,6 +193,7 @@ class Rebalancer:
         return self.mode, self._s.interval_s, self._last_run_unix_s, self._last_plan_id
 
     async def run(self) -> None:
+        await self.resume_interrupted()
         next_run_mono_s = self._core.clock.monotonic() + self._s.interval_s
         while True:
             await asyncio.sleep(self._s.demand_sample_s)
@@ -204,6 +205,68 @@ class Rebalancer:
                     self.tick()
             except Exception:  # logged loudly; the next round retries
                 self._log.exception("rebalance_round_failed")
+
+    # ---------------------------------------------------------------- recovery
+
+    async def resume_interrupted(self) -> None:
+        """Resume a plan that a previous coordinator left applying (it died mid-execution).
+
+        Its nodes' reports settle each action journaled as running: an effect the reports
+        show counts as done and is not sent again; one they do not show is sent again. Both are
+        safe to repeat at the agent (a second start of an active id is refused, a second stop
+        finds nothing), so no action takes effect twice. The plan then runs on in this
+        coordinator's epoch. If a node does not report within the verify timeout, the plan is
+        paused with the reason instead: an operator resumes it with `plan apply`."""
+        for doc in self._store.plans_in_state("applying"):
+            nodes = sorted({a["node_id"] for s in doc["stages"] for a in s["actions"]})
+            missing = await self._await_reports(nodes)
+            old_epoch = doc["epoch"]
+            doc["epoch"] = self._core.epoch
+            if missing:
+                self._save(doc, state="paused", error=(
+                    f"coordinator restarted mid-plan; {', '.join(missing)} did not report "
+                    "within the verify timeout, so in-flight actions are unsettled"))
+                self._log.error("plan_resume_paused", plan_id=doc["plan_id"], missing=missing)
+                continue
+            for stage in doc["stages"]:
+                for a in stage["actions"]:
+                    if a["state"] == "running":
+                        self._settle(a)
+            doc.setdefault("warnings", []).append(
+                f"resumed after a coordinator restart (epoch {old_epoch} -> {doc['epoch']})")
+            self._save(doc, resumed_from_epoch=old_epoch)
+            self._audit("", "ResumePlan", json.dumps({"plan_id": doc["plan_id"],
+                                                      "from_epoch": old_epoch}), True,
+                        "coordinator restarted while the plan was applying", "coordinator")
+            self._log.warning("plan_resumed", plan_id=doc["plan_id"], from_epoch=old_epoch)
+            self._applying = asyncio.get_running_loop().create_task(
+                self._execute(doc, "coordinator (resumed)"))
+            await self._applying  # one plan at a time, as apply() enforces
+
+    async def _await_reports(self, nodes: list[str]) -> list[str]:
+        """Wait for a report from each node under this coordinator; those still missing."""
+        deadline = self._core.clock.monotonic() + self._s.verify_timeout_s
+        while True:
+            missing = [n for n in nodes if not self._reported(n)]
+            if not missing or self._core.clock.monotonic() >= deadline:
+                return missing
+            await asyncio.sleep(self._s.verify_poll_s)
+
+    def _reported(self, node_id: str) -> bool:
+        try:
+            return self._core.registry.get(node_id).report is not None
+        except errors.NotFound:
+            return False
+
+    def _settle(self, a: dict[str, Any]) -> None:
+        """An action whose answer was lost with the old coordinator: done if the reports show
+        its effect, otherwise pending (sent again)."""
+        applied = _effect_shown(self._core.registry.get(a["node_id"]), a)
+        a["state"], a["error"] = ("done", "") if applied else ("pending", "")
+        self._audit(a["node_id"], "SettleAction", json.dumps(
+            {k: v for k, v in a.items() if k != "exec"}), True,
+            "effect shown by the report: not sent again" if applied
+            else "effect not shown by the report: will be sent", "coordinator")
 
     def sample(self) -> None:
         now = self._core.clock.time()
@@ -269,7 +332,7 @@ class Rebalancer:
                     continue
                 stage["state"] = "running"
                 self._save(doc)
-                error = await self._run_stage(stage, who)
+                error = await self._run_stage(doc, stage, who)
                 if not error:
                     error = await self._verify(stage)
                 if error:
@@ -286,28 +349,32 @@ class Rebalancer:
             self._log.exception("plan_execution_failed", plan_id=doc["plan_id"])
             self._save(doc, state="failed", error=f"{type(err).__name__}: {err}")
 
-    async def _run_stage(self, stage: dict[str, Any], actor: str) -> str:
+    async def _run_stage(self, doc: dict[str, Any], stage: dict[str, Any], actor: str) -> str:
         by_node: dict[str, list[dict[str, Any]]] = {}
         for a in stage["actions"]:
             if a["state"] != "done":
                 by_node.setdefault(a["node_id"], []).append(a)
-        errs = await asyncio.gather(*(self._run_node(n, acts, actor)
+        errs = await asyncio.gather(*(self._run_node(doc, n, acts, actor)
                                       for n, acts in sorted(by_node.items())))
         return "; ".join(e for e in errs if e)
 
-    async def _run_node(self, node_id: str, actions: list[dict[str, Any]], actor: str) -> str:
+    async def _run_node(self, doc: dict[str, Any], node_id: str, actions: list[dict[str, Any]],
+                        actor: str) -> str:
         prep = [a for a in actions if a["kind"] in PREP_KINDS]
         rest = [a for a in actions if a["kind"] not in PREP_KINDS]
         if prep:
             since = self._core.clock.time()
-            error = await self._send(node_id, prep, actor)
+            error = await self._send(doc, node_id, prep, actor)
             if error:
                 return error
             await self._fresh_report(node_id, since)
-        return await self._send(node_id, rest, actor) if rest else ""
+        return await self._send(doc, node_id, rest, actor) if rest else ""
 
-    async def _send(self, node_id: str, actions: list[dict[str, Any]], actor: str) -> str:
-        """One agent Plan for these actions; each action's outcome is audited and recorded."""
+    async def _send(self, doc: dict[str, Any], node_id: str, actions: list[dict[str, Any]],
+                    actor: str) -> str:
+        """One agent Plan for these actions; each action's outcome is audited and recorded.
+        The actions are journaled as running before the Plan leaves and as done or failed when
+        it answers, so a coordinator that dies in between knows which outcomes to settle."""
         try:
             rec = self._core.registry.get(node_id)
             if rec.report is None or rec.session is None or rec.session.closed:
@@ -319,10 +386,12 @@ class Rebalancer:
                                   actions=[pb for _, pb in built], reason=actor)
             for a, _ in built:
                 a["state"] = "running"
+            self._save(doc)
             resp = await rec.session.apply_plan(plan, self._core.instance_action_timeout_s)
         except errors.DomainError as err:
             for a in actions:
                 self._record(node_id, a, None, False, str(err), actor)
+            self._save(doc)
             return f"{node_id}: {err}"
         results = {r.action_id: r for r in resp.results}
         failed = ""
@@ -334,6 +403,7 @@ class Rebalancer:
             if not ok and not failed:
                 failed = f"{node_id}: {a['kind']} {a['instance_id'] or a['gpu_indices']}: " + (
                     f"{r.code} {r.message}" if r is not None else message)
+        self._save(doc)
         return failed
 
     def _agent_action(self, rec: NodeRecord, a: dict[str, Any]) -> agent_pb2.Action:
@@ -461,6 +531,21 @@ def _free_slice(rec: NodeRecord, gpu_index: int, profile: str) -> str:
     raise errors.FailedPrecondition(
         f"{rec.node_id} GPU {gpu_index} reports no free {profile} MIG device after its layout",
         field="mig_profile")
+
+
+def _effect_shown(rec: NodeRecord, a: dict[str, Any]) -> bool:
+    """Whether a node's report shows the effect of a plan action."""
+    kind, report = a["kind"], rec.report
+    if kind == "start_instance":
+        return _instance_state(rec, a["instance_id"]) in ("STARTING", "READY")
+    if kind == "stop_instance":
+        return _instance_state(rec, a["instance_id"]) in ("", "STOPPED", "FAILED")
+    gpu = next((g for g in report.gpus if g.index == a["gpu_indices"][0]), None) if report else None
+    if gpu is None:
+        return False
+    if kind == "set_mig_mode":
+        return gpu.mig_pending_enabled == a["exec"]["mig_enabled"]  # pending: what was set
+    return sorted(m.profile for m in gpu.mig_instances) == sorted(a["mig_profiles"])
 
 
 def _instance_state(rec: NodeRecord, instance_id: str) -> str:

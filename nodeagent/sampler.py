@@ -156,6 +156,7 @@ class Sampler:
         self._latest: NodeSnapshot | None = None
         self._latest_at_s = 0.0
         self._changed = threading.Event()
+        self._stale = threading.Event()  # inputs other than the devices changed (engine loads)
         self._collect_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -181,6 +182,7 @@ class Sampler:
         if (
             snapshot is None
             or self._changed.is_set()
+            or self._stale.is_set()
             or self._clock.monotonic() - self._latest_at_s >= self.interval_s
         ):
             return self.sample_now()
@@ -190,11 +192,16 @@ class Sampler:
         """Called after an actuator change: the next fresh() samples again."""
         self._changed.set()
 
+    def mark_stale(self) -> None:
+        """The engine loads changed: the next fresh() samples again (no slow device reads)."""
+        self._stale.set()
+
     def sample_now(self) -> NodeSnapshot:
         """Read the devices now and publish the result (used after an actuator change)."""
         with self._collect_lock:
             refresh_slow = self._changed.is_set()
             self._changed.clear()  # before reading: a change made during the read re-marks it
+            self._stale.clear()
             snapshot = self._collect(refresh_slow)
             self._latest, self._latest_at_s = snapshot, self._clock.monotonic()
             return snapshot

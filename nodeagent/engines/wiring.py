@@ -49,16 +49,23 @@ class Engines:
     """The engine manager, its gRPC translation and the MIG repartitioner of one agent."""
 
     def __init__(
-        self, cfg: Any, backend: Any, apply_layout: Callable[[int, list[str]], object] | None = None
+        self,
+        cfg: Any,
+        backend: Any,
+        apply_layout: Callable[[int, list[str]], object] | None = None,
+        on_loads: Callable[[], None] = lambda: None,
     ) -> None:
-        """apply_layout: the actuator's journaled MIG layout change (default: the backend's)."""
+        """apply_layout: the actuator's journaled MIG layout change (default: the backend's).
+        on_loads: called after each monitor pass (the sampler's next read then shows the new
+        engine loads, so a node read agrees with the instances listed beside it)."""
         self._stop_on_exit = cfg.engines.stop_on_exit
-        on_tick = None
-        if backend.kind == "sim" and cfg.sim.load == "idle":  # no synthetic load configured
-            totals_mib = {d.index: d.memory_total_mib for d in backend.devices()}
+        drive_sim = backend.kind == "sim" and cfg.sim.load == "idle"  # no synthetic load set
+        totals_mib = {d.index: d.memory_total_mib for d in backend.devices()} if drive_sim else {}
 
-            def on_tick(loads: dict[int, EngineLoad]) -> None:
+        def on_tick(loads: dict[int, EngineLoad]) -> None:
+            if drive_sim:
                 apply_engine_loads(backend, loads, totals_mib.keys(), totals_mib)
+            on_loads()
 
         settings = settings_from_config(cfg)
         self.manager = InstanceManager(settings, ProcessRunner(),
@@ -92,7 +99,8 @@ class Engines:
 
 def attach_engines(agent: Any) -> Engines:
     """Create the engines and hand their hooks to the servicer, the actuator and the sampler."""
-    engines = Engines(agent.cfg, agent.backend, agent.actuator.apply_mig_layout)
+    engines = Engines(agent.cfg, agent.backend, agent.actuator.apply_mig_layout,
+                      on_loads=agent.sampler.mark_stale)
     agent.servicer.instance_service = engines.service
     agent.actuator.instance_runner = engines.service
     agent.actuator.busy_instances = engines.manager.busy_instances

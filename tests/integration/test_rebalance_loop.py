@@ -76,7 +76,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 tmp_path / node, "--config", str(tmp_path / "agent.yaml"), "--node-id", node,
                 "--coordinator", coordinator.address,
                 "--labels", "site=s1,row=r1,aisle=a1,rack=k1", sim_gpus=2)
-        yield Cluster(coordinator, agents, make_model_dir(tmp_path / "model"), routes_port)
+        c = Cluster(coordinator, agents, make_model_dir(tmp_path / "model"), routes_port)
+        yield c
+        coordinator = c.coordinator  # a test may have replaced it
     finally:
         for agent in agents.values():
             agent.stop(signal.SIGTERM)
@@ -174,3 +176,53 @@ def test_plan_reshapes_onto_fewer_gpus_and_routes_skip_unready(cluster: Cluster)
                              "--power-w", "500"))
     assert ranked["workload"] == "opaque"
     assert {n["node_id"] for n in ranked["nodes"]} == {"n1"}  # n2's GPUs are both taken
+
+
+@pytest.mark.slow
+def test_coordinator_killed_mid_plan_resumes_without_repeating(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    """SIGKILL the coordinator while a stage waits for its new instance to turn READY; a new
+    coordinator on the same database resumes the plan from its journal: the start already
+    answered is not sent again, and the rest of the plan runs."""
+    c = cluster
+    _cli("--agent", c.agents["n1"].address, "instance", "start", "tiny-a", "--endpoint", "tiny",
+         "--model", str(c.model), "--devices", "0,1", "--tp", "2",
+         "--env", "FAKE_VLLM_STARTUP_S=8")  # the plan's new instance inherits the slow start
+    _cli(*c.via, "endpoint", "set", "tiny", "--model", "tiny", "--model-path", str(c.model),
+         "--slo-p95", "20", "--demand-rps", "3", "--query-class", "LISO")
+    poll(lambda: [i for _, i in _live(c, "tiny") if i["state"] == "READY"], timeout_s=30)
+    plan = json.loads(_cli(*c.via, "plan", "propose", "--json"))
+    start = next(a for s in plan["stages"] for a in s["actions"] if a["kind"] == "start_instance")
+    _cli(*c.via, "plan", "apply", plan["plan_id"])
+
+    def started() -> bool:  # the agent answered the start: the instance is STARTING
+        audit = json.loads(_cli(*c.via, "audit", "--json"))["entries"]
+        return any(e["action"] == "start_instance" and e["ok"] for e in audit)
+
+    poll(started, timeout_s=20, interval_s=0.1)
+    c.coordinator.stop(signal.SIGKILL)
+    on_node = json.loads(_cli("--agent", c.agents[start["node_id"]].address, "instance", "list",
+                              "--json"))["instances"]
+    assert [i["state"] for i in on_node if i["spec"]["instance_id"] == start["instance_id"]] == [
+        "STARTING"]  # killed before the stage was verified
+
+    c.coordinator = start_coordinator(
+        tmp_path, int(c.coordinator.address.rsplit(":", 1)[1]),
+        "--profiles", str(tmp_path / "profiles.csv"), "--rebalance-hysteresis-s", "0",
+        "--rebalance-interval-s", "3600", "--rebalance-verify-timeout-s", "30")
+
+    def finished() -> dict | None:
+        doc = json.loads(_cli(*c.via, "plan", "show", plan["plan_id"], "--json"))
+        return doc if doc["state"] not in ("applying", "proposed") else None
+
+    resumed = poll(finished, timeout_s=60, interval_s=0.3)
+    assert resumed["state"] == "applied", resumed
+    assert resumed["epoch"] > plan["epoch"]  # adopted by the new coordinator's epoch
+    assert any("resumed" in w for w in resumed["warnings"]), resumed["warnings"]
+    audit = json.loads(_cli(*c.via, "audit", "--json", "--limit", "500"))["entries"]
+    starts = [e for e in audit if e["action"] == "start_instance" and e["ok"]]
+    assert len(starts) == 1, starts  # applied once, by the first coordinator
+    assert any(e["action"] == "ResumePlan" for e in audit)
+    live = _live(c, "tiny")
+    assert [(n, i["spec"]["instance_id"], i["state"], i["restarts"]) for n, i in live] == [
+        (start["node_id"], start["instance_id"], "READY", 0)]

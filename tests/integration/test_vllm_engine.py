@@ -86,20 +86,30 @@ def complete(port: int, max_tokens: int, prompt: str = "hello world") -> dict:
 
 
 # The tiny model makes ~400 tokens/s, so one request is over in well under a scrape interval;
-# a burst of WAVE requests of WAVE_TOKENS, beyond max_num_seqs, keeps it busy for seconds.
-WAVE, WAVE_TOKENS = 24, 200
+# a burst of WAVE requests of WAVE_TOKENS, beyond max_num_seqs, keeps it busy for about 10 s.
+# During a burst the CPU build answers /metrics slowly (2-5 s per scrape measured on 2 cores),
+# so the burst must outlast several scrapes.
+WAVE, WAVE_TOKENS = 48, 200
 
 
 class Burst:
-    """WAVE concurrent completions; records each result (or error) and when it finished."""
+    """WAVE concurrent completions; records each result (or error) and when it finished.
+
+    The threads are started first and released together: starting a thread needs a CPU, and
+    once the engine is busy it holds both cores of a small machine, so threads started one by
+    one while it served the first ones took seconds to get going (the observer saw only the
+    burst's end)."""
 
     def __init__(self, port: int) -> None:
         self.results: list[tuple[float, object]] = []
-        self._threads = [threading.Thread(target=self._one, args=(port,)) for _ in range(WAVE)]
+        go = threading.Event()
+        self._threads = [threading.Thread(target=self._one, args=(port, go)) for _ in range(WAVE)]
         for t in self._threads:
             t.start()
+        go.set()
 
-    def _one(self, port: int) -> None:
+    def _one(self, port: int, go: threading.Event) -> None:
+        go.wait()
         try:
             reply: object = complete(port, WAVE_TOKENS)["usage"]["completion_tokens"]
         except Exception as exc:  # recorded and asserted on by the test
@@ -156,15 +166,17 @@ def test_metrics_and_budgets_under_concurrent_requests(h: Harness) -> None:
     max_running = max_in_flight = max_rate = 0.0
     # Watch during the burst and for a moment after it: on a loaded 2-core machine the scrape
     # that covers the burst's last tokens can land just after the last request returned.
+    # The instance and the GPU budget come from one GetNode reply: the agent resamples the
+    # budgets after each engine scrape, so the two agree.
     settle_until = float("inf")
     while time.monotonic() < settle_until:
         if not burst.running() and settle_until == float("inf"):
             settle_until = time.monotonic() + 3.0
-        metrics = h.instance().metrics
-        budget = stub.GetNode(pb.GetNodeRequest(), timeout=10).gpus[0].budget
-        max_running = max(max_running, metrics.requests_running)
-        max_rate = max(max_rate, metrics.generation_tokens_per_s)
-        max_in_flight = max(max_in_flight, budget.requests_in_flight)
+        node = stub.GetNode(pb.GetNodeRequest(), timeout=10)
+        (inst,) = node.instances
+        max_running = max(max_running, inst.metrics.requests_running)
+        max_rate = max(max_rate, inst.metrics.generation_tokens_per_s)
+        max_in_flight = max(max_in_flight, node.gpus[0].budget.requests_in_flight)
         time.sleep(0.05)
     assert burst.join() == [WAVE_TOKENS] * WAVE
     assert 0 < max_running <= 4  # bounded by max_num_seqs; the rest waited

@@ -87,3 +87,15 @@ def test_node_proto_shows_both_power_layers(tmp_path: Path) -> None:
     )
     assert g.power_limit_w == 250
     assert node_to_pb(sampler.sample_now()).gpus[0].power_ceiling_source == ""
+
+
+def test_fresh_reuses_a_young_snapshot_until_the_engine_loads_change(tmp_path: Path) -> None:
+    loads: dict[int, EngineLoad] = {}
+    sampler = make(tmp_path, ManualClock(), interval_s=10.0, engine_loads=lambda: loads)
+    first = sampler.fresh()
+    loads[0] = EngineLoad(requests_running=3, requests_waiting=2, max_num_seqs=4)
+    assert sampler.fresh() is first  # younger than one interval and nothing marked
+    sampler.mark_stale()
+    second = sampler.fresh()
+    assert second is not first and second.gpus[0].budget.requests_in_flight == 5
+    assert sampler.fresh() is second  # one resample per mark
