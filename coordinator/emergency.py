@@ -56,6 +56,7 @@ from nodeagent.v1 import agent_pb2
 
 SCOPES = ("row", "aisle", "site")
 KINDS = ("power", "cooling")
+RESUME_WAIT_S = 10.0  # after a restart, how long an emergency waits for its nodes' reports
 ACTIVE, CLEARING, CLEARED = "active", "clearing", "cleared"
 CAP_TOLERANCE_W = 1.0
 
@@ -114,6 +115,7 @@ class _Live:
     phase2_locked: dict[str, list[int]] = field(default_factory=dict)
     phase2_done: bool = False
     reconfigured: bool = False
+    resume_pending: bool = False  # loaded at start from the store: see _try_resume
     phase1_issued_unix_s: dict[str, float] = field(default_factory=dict)  # first caps per node
     phase1_acked_unix_s: dict[str, float] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
@@ -146,8 +148,11 @@ class EmergencyController:
         self._replanner: Replanner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._log = structlog.get_logger().bind(component="emergency")
+        self._started_unix_s = core.clock.time()
+        self._started_mono_s = core.clock.monotonic()
         for rec in store.load(active_only=True):  # a restart resumes; caps come from reports
-            self._live[rec.emergency_id] = _Live(rec, core.clock.monotonic())
+            self._live[rec.emergency_id] = _Live(rec, core.clock.monotonic(),
+                                                 resume_pending=True)
 
     # ---------------------------------------------------------------- admin
 
@@ -197,7 +202,7 @@ class EmergencyController:
             raise errors.FailedPrecondition(
                 f"emergency_id={emergency_id!r} is {live.rec.state}, not active",
                 field="emergency_id")
-        live.rec.state = CLEARING
+        live.rec.state, live.resume_pending = CLEARING, False
         self._store.save(live.rec)
         self._event(live, "clear_requested", detail={"actor": actor, "note": note})
         self._audit(live, "ClearEmergency", actor, note)
@@ -248,12 +253,40 @@ class EmergencyController:
     def tick(self) -> None:
         now = self._core.clock.monotonic()
         for live in list(self._live.values()):
-            if live.rec.state != CLEARED:
+            if live.resume_pending:
+                self._try_resume(live, now)
+            elif live.rec.state != CLEARED:
                 self._verify(live, now)
             self._flush(live)
         self._prearm(now)
         if self._s.detect_after_s > 0:
             self._detect(now)
+
+    def _try_resume(self, live: _Live, now_mono_s: float) -> None:
+        """An emergency this coordinator found in force at start (its predecessor died). Once
+        every node of the scope has reported here (or after RESUME_WAIT_S), the emergency
+        ceilings the nodes report (their own caps, or the pre-armed fallback they applied when
+        the link dropped) become its caps and are sent back as such, so verification and
+        clearing go on from what is in force; nothing is lifted or raised by the restart. One
+        that was clearing resumes its steps."""
+        nodes = self._scope_nodes(live.rec.scope, live.rec.name)
+        fresh = [r for r in nodes if r.report is not None  # received here (agent clocks may skew)
+                 and r.last_seen_unix_s >= self._started_unix_s]
+        if len(fresh) < len(nodes) and now_mono_s - self._started_mono_s < RESUME_WAIT_S:
+            return
+        live.resume_pending = False
+        live.caps = self._caps_from_reports(live)
+        live.base_caps = {n: dict(c) for n, c in live.caps.items()}
+        self._event(live, "resumed", detail={"nodes_reported": len(fresh), "of": len(nodes),
+                                             "capped_nodes": sorted(live.caps)})
+        self._log.warning("emergency_resumed", emergency_id=live.rec.emergency_id,
+                          state=live.rec.state, nodes_reported=len(fresh), of=len(nodes))
+        if live.rec.state == CLEARING:
+            live.task = self._spawn(self._clear_steps(live))
+            return
+        for rec in fresh:
+            if rec.node_id in live.caps:  # a node reporting no emergency ceiling is left as is
+                self._issue(live, rec)
 
     # ---------------------------------------------------------------- validation
 
@@ -471,7 +504,8 @@ class EmergencyController:
             overdue = now_mono_s - track.issued_mono_s >= self._s.reissue_after_s
             return f"no acknowledgement ({track.failed or 'waiting'})" if overdue else ""
         node = rec.report
-        if node is None or node.sampled_at_unix_s < track.acked_unix_s + 0.5:
+        # Received (coordinator clock, not the agent's) well after the acknowledgement.
+        if node is None or rec.last_seen_unix_s < track.acked_unix_s + 0.5:
             return ""
         for gpu in node.gpus:
             cap_w = live.caps.get(rec.node_id, {}).get(gpu.index)

@@ -451,8 +451,8 @@ class Rebalancer:
     async def _fresh_report(self, node_id: str, since_unix_s: float) -> None:
         deadline = self._core.clock.monotonic() + min(30.0, self._s.verify_timeout_s)
         while self._core.clock.monotonic() < deadline:
-            report = self._core.registry.get(node_id).report
-            if report is not None and report.sampled_at_unix_s > since_unix_s:
+            rec = self._core.registry.get(node_id)  # receipt time: agent clocks may skew
+            if rec.report is not None and rec.last_seen_unix_s > since_unix_s:
                 return
             await asyncio.sleep(self._s.verify_poll_s)
 

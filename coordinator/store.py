@@ -62,11 +62,25 @@ class AuditRecord:
 
 def open_db(path: Path | str, schema: str) -> sqlite3.Connection:
     """The coordinator's SQLite file (autocommit; explicit transactions where needed) with
-    `schema` applied. Every store of the coordinator opens the same file this way."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
-    db.executescript(schema)
+    `schema` applied. Every store of the coordinator opens the same file this way.
+
+    A file SQLite cannot read, or one that fails `PRAGMA quick_check`, stops the start with a
+    message naming it: the file holds the epoch, the emergencies in force and the plans being
+    applied, so starting empty in its place would forget them (and reuse epochs)."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
+        db.executescript(schema)
+    except sqlite3.DatabaseError as exc:
+        reason = " ".join(str(exc).split())  # quick_check's report spans lines; keep one
+        raise sqlite3.DatabaseError(
+            f"database {path} is unusable ({reason}); the coordinator will not start from an empty "
+            "state in its place: restore the last good copy, or move the file aside to start "
+            "afresh (emergencies in force and plans being applied are then forgotten)") from exc
     return db
 
 

@@ -53,6 +53,14 @@ class EmergencyGuard:
     def fallback_active(self) -> bool:
         return self._fallback_level is not None
 
+    @property
+    def exposed(self) -> bool:
+        """An emergency is known here, but neither its caps nor the fallback are in effect
+        (normal for up to fallback_after_s after the broadcast; a fault beyond that)."""
+        with self._lock:
+            d = self._declared
+            return d is not None and not d.caps_received and self._fallback_level is None
+
     def prearm(self, msg: agent_pb2.EmergencyPrearm) -> agent_pb2.ApplyPlanResponse:
         with self._lock:
             if not self._epoch_ok(msg.epoch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -376,6 +377,7 @@ class CoordinatorHarness:
     _link_db: Path
     _link: CoordinatorCore | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    plans_running: int = 0
 
     def state(self) -> Any:
         nodes = tuple(sorted(r.node_id for r in self.core.registry.records()))
@@ -383,8 +385,22 @@ class CoordinatorHarness:
 
     def call(self, method: str, request: Message) -> Verdict:
         fn = getattr(self.servicer, method)
+        self.settle()
         return judge(lambda: self.loop.run_until_complete(fn(request, AioContext())), self.state,
                      request)
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Let plans still queued or running from an earlier call (one whose answer timed out)
+        finish first: the loop only runs during calls, so such a plan would otherwise land in
+        the middle of the next call and look like that call's state change."""
+
+        async def idle() -> None:
+            deadline = time.monotonic() + timeout_s
+            while (self.plans_running or not self.session.outbox.empty()) and (
+                    time.monotonic() < deadline):
+                await asyncio.sleep(0.01)
+
+        self.loop.run_until_complete(idle())
 
     def register(self, msg: cpb.Register, report: cpb.NodeReport) -> Verdict:
         """A hostile agent: its Register and a NodeReport, then the rollups must still work."""
@@ -430,10 +446,15 @@ class CoordinatorHarness:
         self.agent.close()
 
 
-async def _serve_plans(session: AgentSession, core: CoordinatorCore, agent: AgentHarness) -> None:
+async def _serve_plans(harness: CoordinatorHarness) -> None:
+    session, agent = harness.session, harness.agent
     while (msg := await session.outbox.get()) is not None:
         if msg.WhichOneof("kind") == "plan":
-            result = await asyncio.to_thread(run_plan, agent.agent.actuator, msg.plan)
+            harness.plans_running += 1
+            try:
+                result = await asyncio.to_thread(run_plan, agent.agent.actuator, msg.plan)
+            finally:
+                harness.plans_running -= 1
             session.resolve(result)
 
 
@@ -455,7 +476,7 @@ def make_coordinator(workdir: Path) -> CoordinatorHarness:
     rec, _ = core.register(register, session)
     core.report(rec, cpb.NodeReport(node=node, seq=1))
     harness = CoordinatorHarness(core, servicer, link, agent, loop, session, workdir / "link.db")
-    harness._tasks.append(loop.create_task(_serve_plans(session, core, agent)))
+    harness._tasks.append(loop.create_task(_serve_plans(harness)))
     return harness
 
 

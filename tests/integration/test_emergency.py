@@ -2,13 +2,16 @@
 
 Tests run in file order on one cluster: bad input changes nothing; a 75% row emergency brings
 the row's measured power under the new limit; clearing relaxes in steps and lifts the caps;
-the coordinator killed right after a declaration leaves the agents under their pre-armed caps.
+the coordinator killed right after a declaration leaves the agents under their pre-armed caps;
+a new coordinator on the same database resumes that emergency and clears it; a SIGSTOPped node
+does not delay the fan-out to the others.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -22,6 +25,7 @@ from tests.conftest import AgentProcess, poll, run_cli
 from tests.integration.coordinator_proc import (
     Cluster,
     labelled_cluster,
+    start_coordinator,
 )
 
 GPUS = 2
@@ -76,9 +80,12 @@ def row_power_w(c: Cluster, row: str = "r1") -> float:
                if NODES[n]["row"] == row)
 
 
-def emergency_ceilings(c: Cluster) -> dict[str, dict[int, tuple[float, str]]]:
+def emergency_ceilings(c: Cluster, only: tuple[str, ...] = ()
+                        ) -> dict[str, dict[int, tuple[float, str]]]:
     out = {}
     for n, a in c.agents.items():
+        if only and n not in only:
+            continue
         out[n] = {g.index: (g.power_ceiling_w, g.power_ceiling_source) for g in node(a).gpus
                   if g.power_ceiling_source.startswith("emergency")}
     return out
@@ -188,3 +195,39 @@ def test_coordinator_killed_after_declaration_agents_apply_prearmed_caps(
     poll(fallback, timeout_s=10)
     poll(lambda: row_power_w(cluster) <= 0.75 * ROW_LIMIT_W, timeout_s=20)
     assert not emergency_ceilings(cluster)["n3"]
+
+
+def test_restarted_coordinator_resumes_the_emergency_and_clears_it(cluster: Cluster) -> None:
+    """After the kill above: a new coordinator on the same database still has the emergency
+    in force (nothing forgotten), re-issues caps from what the agents report, and clears it."""
+    cluster.coordinator = start_coordinator(cluster.workdir, cluster.port, *COORDINATOR_ARGS)
+    listed = stub(cluster).ListEmergencies(epb.ListEmergenciesRequest(), timeout=5).emergencies
+    (em,) = [e for e in listed if e.state == "active"]
+    assert em.scope == "row" and em.name == "r1" and em.capacity_frac == pytest.approx(0.75)
+    poll(lambda: stub(cluster).GetEmergency(epb.GetEmergencyRequest(
+        emergency_id=em.emergency_id), timeout=5).nodes_acked == 2, timeout_s=20)
+    assert row_power_w(cluster) <= 0.75 * ROW_LIMIT_W  # never released in between
+    r = cli(cluster, "clear", em.emergency_id)
+    assert r.returncode == 0, r.stderr
+    poll(lambda: all(not caps for caps in emergency_ceilings(cluster).values()), timeout_s=20)
+
+
+def test_stopped_node_does_not_delay_the_fan_out(cluster: Cluster) -> None:
+    """n2 is SIGSTOPped (alive, silent): declaring on its row still answers at once and n1 is
+    capped within the deadline; n2 applies its caps when it runs again."""
+    ready(cluster)
+    cluster.agents["n2"].proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        declared = stub(cluster).DeclareEmergency(epb.DeclareEmergencyRequest(
+            scope="row", name="r1", capacity_frac=0.75, source="ups"), timeout=10)
+        answered_s = time.monotonic() - started
+        poll(lambda: emergency_ceilings(cluster, only=("n1",))["n1"], timeout_s=2,
+             interval_s=0.05)
+        capped_s = time.monotonic() - started
+    finally:
+        cluster.agents["n2"].proc.send_signal(signal.SIGCONT)
+    assert answered_s < 1.0 and capped_s < 2.0, (answered_s, capped_s)
+    poll(lambda: emergency_ceilings(cluster)["n2"], timeout_s=20)
+    assert cli(cluster, "clear", declared.emergency_id).returncode == 0
+    poll(lambda: all(not caps for caps in emergency_ceilings(cluster).values()), timeout_s=20)

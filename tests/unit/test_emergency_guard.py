@@ -105,3 +105,16 @@ def test_stale_epoch_refused_and_changes_nothing(guard) -> None:
     answer = g.directive(directive(epoch=2, active=False))
     assert not answer.completed and answer.results[0].code == "FAILED_PRECONDITION"
     assert sink.ceilings[EMERGENCY] == {0: 500.0}
+
+
+def test_exposed_only_between_the_broadcast_and_caps_or_fallback(guard) -> None:
+    g, _, clock = guard
+    assert not g.exposed  # nothing declared
+    g.directive(directive())
+    assert g.exposed  # declared, nothing in effect yet
+    clock.advance(1.1)
+    g.tick()
+    assert not g.exposed and g.fallback_active  # the deadline fallback covers it
+    g.directive(directive(active=False))
+    g.directive(directive(caps={0: 300.0}))
+    assert not g.exposed  # own caps in effect
