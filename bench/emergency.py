@@ -98,7 +98,8 @@ class VirtualNode:
         self.backend = SimulatedBackend("h100-80gb", GPUS, SystemClock(), seed=index)
         for i in range(GPUS):
             self.backend.set_load(i, 1.0)
-        self.guard = EmergencyGuard(SimCeilings(self.backend), list(range(GPUS)), SystemClock(),
+        self.ceilings = SimCeilings(self.backend)
+        self.guard = EmergencyGuard(self.ceilings, list(range(GPUS)), SystemClock(),
                                     structlog.get_logger())
 
     def report(self) -> pb.Node:

@@ -59,13 +59,11 @@ from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from coordinator.v1 import emergency_pb2 as epb
 from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.clock import SystemClock
-from nodeagent.emergency import EmergencyGuard
 from nodeagent.v1 import agent_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from coordinator_fanin import free_port, wait_for
-from emergency import GPUS, HOST_OTHER_W, REPORT_INTERVAL_S, SimCeilings, placement, topology
+from emergency import GPUS, HOST_OTHER_W, REPORT_INTERVAL_S, VirtualNode, placement, topology
 
 GRACE_S = 3.0  # fallback_after_s (1 s) + a report interval + scheduling slack
 STALL_S = 1.0  # a tick gap this long means the process was stopped
@@ -87,36 +85,17 @@ UNKNOWN_OUTCOME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDE
 # ---------------------------------------------------------------- virtual nodes (child processes)
 
 
-class VirtualNode(SimCeilings):
-    """One agent: reports, answers plans (SetPowerLimit) and emergency messages."""
+class SoakNode(VirtualNode):
+    """bench/emergency.py's virtual node, which also redials, answers plans (SetPowerLimit,
+    recording each action id it applies) and counts its long exposures."""
 
     def __init__(self, index: int, nodes: int) -> None:
-        from nodeagent.gpu.sim import SimulatedBackend
-
-        self.node_id = f"v{index:05d}"
-        self.labels = placement(index, nodes)
-        self.backend = SimulatedBackend("h100-80gb", GPUS, SystemClock(), seed=index)
-        for i in range(GPUS):
-            self.backend.set_load(i, 1.0)
-        super().__init__(self.backend)
-        self.guard = EmergencyGuard(self, list(range(GPUS)), SystemClock(), structlog.get_logger())
+        super().__init__(index, nodes)
         self.applied: Counter[str] = Counter()
         self.partition = asyncio.Event()
         self.partitions = self.unsafe = 0
         self._exposed_since: float | None = None
         self._counted = False
-
-    def report(self) -> pb.Node:
-        gpus = []
-        for i in range(GPUS):
-            t, c = self.backend.telemetry(i), self.backend.power_constraints(i)
-            gpus.append(pb.Gpu(index=i, gpu_type="h100-80gb", power_draw_w=t.power_draw_w,
-                               power_limit_w=t.power_limit_w, power_limit_min_w=c.min_w,
-                               power_limit_max_w=c.max_w, utilization_gpu_pct=100.0))
-        gpu_w = sum(g.power_draw_w for g in gpus)
-        return pb.Node(node_id=self.node_id, hostname=self.node_id, labels=self.labels,
-                       backend="sim", gpus=gpus, sampled_at_unix_s=time.time(),
-                       budget=pb.NodeBudget(node_power_w=HOST_OTHER_W + gpu_w, gpu_power_w=gpu_w))
 
     async def run(self, address: str, stop_at: float, rng: random.Random) -> None:
         await asyncio.sleep(rng.uniform(0, 2))
@@ -171,7 +150,7 @@ class VirtualNode(SimCeilings):
         for action in plan.actions:
             if action.WhichOneof("kind") == "set_power_limit":
                 req = action.set_power_limit
-                self.set_power_ceilings_w({req.gpu_index: req.power_limit_w}, "operator")
+                self.ceilings.set_power_ceilings_w({req.gpu_index: req.power_limit_w}, "operator")
                 self.applied[action.action_id] += 1
             results.append(pb.ActionResult(action_id=action.action_id, ok=True, code="OK"))
         return pb.ApplyPlanResponse(plan_id=plan.plan_id, results=results, completed=True)
@@ -206,7 +185,7 @@ def host_process(address: str, indices: list[int], nodes: int, stop_at: float, s
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
     rng = random.Random(seed)
 
-    async def ticker(vnodes: list[VirtualNode]) -> None:
+    async def ticker(vnodes: list[SoakNode]) -> None:
         last = time.monotonic()
         while time.time() < stop_at:
             await asyncio.sleep(TICK_S)
@@ -215,7 +194,7 @@ def host_process(address: str, indices: list[int], nodes: int, stop_at: float, s
             for v in vnodes:
                 v.check(now, stalled)
 
-    async def partitioner(vnodes: list[VirtualNode]) -> None:
+    async def partitioner(vnodes: list[SoakNode]) -> None:
         while time.time() < stop_at:
             await asyncio.sleep(rng.expovariate(1 / partition_every_s))
             victim = rng.choice(vnodes)
@@ -223,8 +202,8 @@ def host_process(address: str, indices: list[int], nodes: int, stop_at: float, s
                 victim.partition.set()
                 victim.partitions += 1
 
-    async def main() -> list[VirtualNode]:
-        vnodes = [VirtualNode(i, nodes) for i in indices]
+    async def main() -> list[SoakNode]:
+        vnodes = [SoakNode(i, nodes) for i in indices]
         tasks = [v.run(address, stop_at, random.Random(seed + i)) for i, v in zip(
             indices, vnodes, strict=True)]
         await asyncio.gather(ticker(vnodes), partitioner(vnodes), *tasks)

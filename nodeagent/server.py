@@ -227,6 +227,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
         self._sampler = sampler
         self._clock = clock
         self.instance_service = instance_service  # the engine manager sets this when enabled
+        self.repartitioner: Any = None  # likewise: the engines' MigRepartitioner
 
     # -------- snapshot
 
@@ -301,7 +302,24 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
     def ApplyMigLayout(
         self, request: pb.ApplyMigLayoutRequest, context: grpc.ServicerContext
     ) -> pb.ActionResult:
+        if request.restart_instances:
+            return self._result(context, lambda: self._repartition(request))
         return self._result(context, lambda: self._actuator.run(_mig_layout(request)))
+
+    def _repartition(self, request: pb.ApplyMigLayoutRequest) -> bool:
+        """The journaled drain -> stop -> layout -> restart sequence (engines enabled only)."""
+        if request.mig_parted_yaml or request.mig_parted_config:
+            raise InvalidArgument("restart_instances works with profiles, not a mig-parted file",
+                                  field="restart_instances")
+        if self.repartitioner is None:
+            raise FailedPrecondition(
+                "restart_instances needs the engine manager (engines.enabled: true)",
+                field="restart_instances")
+        result = self.repartitioner.repartition(request.gpu_index, list(request.profiles))
+        if result.rolled_back:
+            raise FailedPrecondition(f"MIG repartition rolled back: {result.message}",
+                                     field="profiles")
+        return True
 
     def ApplyPlan(
         self, request: pb.ApplyPlanRequest, context: grpc.ServicerContext

@@ -49,6 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("profiles", nargs="*", help='e.g. 3g.40gb 2g.20gb ("" for none)')
     p.add_argument("--file", type=Path, help="mig-parted v1 YAML file")
     p.add_argument("--config", dest="mig_config", help="config name in --file")
+    p.add_argument("--restart-instances", action="store_true",
+                   help="on a GPU in use: drain, stop, apply, restart each instance on a new "
+                        "device of its profile (journaled)")
     p.set_defaults(func=cmd_mig_apply)
 
 
@@ -163,7 +166,8 @@ def cmd_mig_apply(args: argparse.Namespace) -> int:
         if args.gpu is None:
             return _usage("mig apply needs GPU PROFILE... or --file F --config NAME")
         profiles = [p for p in args.profiles if p]
-        request = pb.ApplyMigLayoutRequest(gpu_index=args.gpu, profiles=profiles)
+        request = pb.ApplyMigLayoutRequest(gpu_index=args.gpu, profiles=profiles,
+                                           restart_instances=args.restart_instances)
         what = f"gpu {args.gpu}: MIG layout [{', '.join(profiles)}]"
     return _act(args, what, lambda t: t.mig_apply(request))
 

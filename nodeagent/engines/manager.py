@@ -5,7 +5,9 @@ code and the log's last lines. Every stop drains (not routable, wait until runni
 zero or the drain deadline, SIGTERM, SIGKILL after the grace period) unless forced. A crashed
 engine is restarted with exponential backoff (tenacity) up to a limit, then FAILED. Running
 engines are recorded in a journal in the state dir and re-adopted (pid + create time + command
-line) when the agent restarts, never killed nor started twice.
+line) when the agent restarts, never killed nor started twice. A reconfigure journals the old
+spec beside the new engine, so after an agent crash the new engine is awaited and, if it never
+becomes READY, the old spec is started again (completed or rolled back, never lost).
 
 Threads: gRPC handlers call start/stop/reconfigure; a monitor thread calls tick(); restarts run
 on their own thread. `_lock` guards the table and each record's fields; a record's `op_lock`
@@ -138,6 +140,7 @@ class _Record:
     restarting: bool = False  # a restart thread owns the record: the monitor leaves it alone
     crash_streak: int = 0  # restarts since the engine last ran stable_after_s
     epoch: int = 0  # bumped by stop/reconfigure: a restart planned before is void
+    rollback_spec: InstanceSpec | None = None  # a reconfigure in flight: the spec to go back to
     cancel: threading.Event = field(default_factory=threading.Event)
     op_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -279,6 +282,7 @@ class InstanceManager:
             rec.wanted = False
             rec.epoch += 1
             rec.cancel.set()  # interrupts a restart or a reconfigure waiting for READY
+            rec.rollback_spec = None  # a stop ends a reconfigure in flight
         with rec.op_lock:
             if rec.process is not None and rec.state != State.STOPPED:
                 self._drain_and_stop(rec, force=force, drain_timeout_s=drain_timeout_s)
@@ -307,30 +311,49 @@ class InstanceManager:
         with rec.op_lock:
             rec.cancel.clear()
             old_spec = rec.spec
-            steps: list[tuple[str, float]] = []
-            drain_s, stop_s = self._drain_and_stop(rec, force=False, drain_timeout_s=None)
-            steps += [("drain", drain_s), ("stop", stop_s)]
+            self._set_rollback(rec, old_spec)  # journaled: a restarted agent can still roll back
             try:
-                self._start_and_wait(rec, new_spec, steps)
-            except _Cancelled:
-                raise _stopped_meanwhile(instance_id) from None
-            except (EngineStartError, DomainError) as exc:
-                log.warning("reconfigure_failed", instance_id=instance_id, error=str(exc))
-                return self._roll_back(rec, old_spec, steps, exc)
+                return self._replace_engine(rec, old_spec, new_spec)
+            finally:
+                if not self._closing.is_set():  # an agent going away leaves it to the next one
+                    self._set_rollback(rec, None)
+
+    def _replace_engine(
+        self, rec: _Record, old_spec: InstanceSpec, new_spec: InstanceSpec
+    ) -> ReconfigureResult:
+        """reconfigure()'s steps. Caller holds rec.op_lock."""
+        instance_id = rec.spec.instance_id
+        steps: list[tuple[str, float]] = []
+        drain_s, stop_s = self._drain_and_stop(rec, force=False, drain_timeout_s=None)
+        steps += [("drain", drain_s), ("stop", stop_s)]
+        try:
+            self._start_and_wait(rec, new_spec, steps)
+        except _Cancelled:
+            raise _stopped_meanwhile(instance_id) from None
+        except (EngineStartError, DomainError) as exc:
+            log.warning("reconfigure_failed", instance_id=instance_id, error=str(exc))
+            return self._roll_back(rec, old_spec, steps, exc)
         log.info("instance_reconfigured", instance_id=instance_id, steps=steps)
         return ReconfigureResult(self.get(instance_id), False, tuple(steps), "reconfigured")
 
     # ------------------------------------------------------- recovery, monitor
 
     def recover(self) -> tuple[list[str], list[str]]:
-        """Re-adopt the journaled engines that still run; relaunch those that are gone.
+        """Re-adopt the journaled engines that still run; relaunch those that are gone; finish
+        (in the background) the reconfigures a crashed agent left midway.
         Returns (adopted ids, relaunched ids)."""
         entries = read_json(self._journal_path) or {}
-        adopted, relaunched = [], []
+        adopted, relaunched, reconfiguring = [], [], []
         for iid, entry in sorted(entries.items()):
             spec = spec_from_json(entry["spec"])
             command = tuple(entry["command"])
-            rec = _Record(spec=spec, command=command, restarts=int(entry.get("restarts", 0)))
+            rollback = entry.get("rollback_spec")
+            rec = _Record(
+                spec=spec,
+                command=command,
+                restarts=int(entry.get("restarts", 0)),
+                rollback_spec=spec_from_json(rollback) if rollback else None,
+            )
             proc = self._runner.adopt(int(entry["pid"]), float(entry["create_time"]), command)
             with self._lock:
                 self._records[iid] = rec
@@ -339,15 +362,25 @@ class InstanceManager:
                 rec.started_at_unix_s = float(entry.get("started_at_unix_s", 0.0))
                 adopted.append(iid)
                 log.info("instance_adopted", instance_id=iid, pid=proc.pid)
-                continue
-            with rec.op_lock:
-                try:
-                    self._launch(rec)
-                    relaunched.append(iid)
-                    log.warning("instance_relaunched", instance_id=iid, old_pid=entry["pid"])
-                except DomainError as exc:
-                    self._set_failed(rec, str(exc), 0)
+            else:
+                with rec.op_lock:
+                    try:
+                        self._launch(rec)
+                        relaunched.append(iid)
+                        log.warning("instance_relaunched", instance_id=iid, old_pid=entry["pid"])
+                    except DomainError as exc:
+                        self._set_failed(rec, str(exc), 0)
+            if rec.rollback_spec is not None and rec.state in _ACTIVE:
+                rec.restarting = True  # the finishing thread owns it: the monitor leaves it alone
+                reconfiguring.append(rec)
         self._write_journal()
+        for rec in reconfiguring:
+            threading.Thread(
+                target=self._finish_reconfigure,
+                args=(rec,),
+                name=f"reconfigure-{rec.spec.instance_id}",
+                daemon=True,
+            ).start()
         return adopted, relaunched
 
     def start_monitor(self) -> None:
@@ -488,9 +521,42 @@ class InstanceManager:
         self._await_ready(rec)  # _Cancelled when a stop came in: the stop takes over
         steps.append(("ready", self._clock.monotonic() - t1))
 
+    def _finish_reconfigure(self, rec: _Record) -> None:
+        """A reconfigure a crashed agent left midway: the journaled engine must become READY,
+        else the old spec runs again, as reconfigure() would have done."""
+        iid = rec.spec.instance_id
+        try:
+            with rec.op_lock:
+                old_spec = rec.rollback_spec
+                if old_spec is None or rec.state not in _ACTIVE:
+                    return  # a stop came first
+                try:
+                    self._await_ready(rec)
+                except _Cancelled:
+                    return  # a stop takes over, or the agent closes (the journal keeps old_spec)
+                except EngineStartError as exc:
+                    log.warning("reconfigure_failed", instance_id=iid, error=str(exc))
+                    self._roll_back(rec, old_spec, [], exc)
+                    log.warning("reconfigure_rolled_back", instance_id=iid)
+                    return
+                self._set_rollback(rec, None)
+                log.info("reconfigure_completed", instance_id=iid)
+        except DomainError as exc:  # the rollback failed (FAILED, logged) or a stop came
+            log.error("reconfigure_not_finished", instance_id=iid, error=str(exc))
+        finally:
+            with self._lock:
+                rec.restarting = False
+
+    def _set_rollback(self, rec: _Record, spec: InstanceSpec | None) -> None:
+        with self._lock:
+            rec.rollback_spec = spec
+        self._write_journal()
+
     def _roll_back(
         self, rec: _Record, old_spec: InstanceSpec, steps: list, error: Exception
     ) -> ReconfigureResult:
+        with self._lock:
+            rec.rollback_spec = None  # the rollback is the fallback: journaled as a plain start
         if rec.process is not None and rec.process.exit_code() is None:
             self._drain_and_stop(rec, force=True, drain_timeout_s=0)
         tail = tail_lines(self._log_path(rec.spec.instance_id), 5)
@@ -605,6 +671,7 @@ class InstanceManager:
                     "spec": spec_to_json(r.spec), "command": list(r.command),
                     "pid": r.process.pid, "create_time": r.process.create_time,
                     "restarts": r.restarts, "started_at_unix_s": r.started_at_unix_s,
+                    "rollback_spec": spec_to_json(r.rollback_spec) if r.rollback_spec else None,
                 }
                 for iid, r in self._records.items()
                 if r.state in _ACTIVE and r.process is not None

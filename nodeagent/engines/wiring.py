@@ -102,6 +102,7 @@ def attach_engines(agent: Any) -> Engines:
     engines = Engines(agent.cfg, agent.backend, agent.actuator.apply_mig_layout,
                       on_loads=agent.sampler.mark_stale)
     agent.servicer.instance_service = engines.service
+    agent.servicer.repartitioner = engines.repartitioner
     agent.actuator.instance_runner = engines.service
     agent.actuator.busy_instances = engines.manager.busy_instances
     agent.sampler.engine_loads = engines.manager.engine_loads

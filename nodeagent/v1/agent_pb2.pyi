@@ -273,16 +273,18 @@ class SetMigModeRequest(_message.Message):
     def __init__(self, gpu_index: _Optional[int] = ..., enabled: _Optional[bool] = ...) -> None: ...
 
 class ApplyMigLayoutRequest(_message.Message):
-    __slots__ = ("gpu_index", "profiles", "mig_parted_yaml", "mig_parted_config")
+    __slots__ = ("gpu_index", "profiles", "mig_parted_yaml", "mig_parted_config", "restart_instances")
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     MIG_PARTED_YAML_FIELD_NUMBER: _ClassVar[int]
     MIG_PARTED_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    RESTART_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     gpu_index: int
     profiles: _containers.RepeatedScalarFieldContainer[str]
     mig_parted_yaml: str
     mig_parted_config: str
-    def __init__(self, gpu_index: _Optional[int] = ..., profiles: _Optional[_Iterable[str]] = ..., mig_parted_yaml: _Optional[str] = ..., mig_parted_config: _Optional[str] = ...) -> None: ...
+    restart_instances: bool
+    def __init__(self, gpu_index: _Optional[int] = ..., profiles: _Optional[_Iterable[str]] = ..., mig_parted_yaml: _Optional[str] = ..., mig_parted_config: _Optional[str] = ..., restart_instances: _Optional[bool] = ...) -> None: ...
 
 class ActionResult(_message.Message):
     __slots__ = ("action_id", "ok", "changed", "code", "message", "duration_s")

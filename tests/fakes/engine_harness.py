@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 import urllib.request
@@ -11,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+import psutil
 
 from nodeagent.engines.manager import EngineSettings, InstanceManager, State
 from nodeagent.engines.runner import EngineRunner, ProcessRunner
@@ -95,3 +100,21 @@ def poll_until(fn: Callable[[], T], timeout_s: float = 10.0, interval_s: float =
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout_s}s (last: {value!r})")
         time.sleep(interval_s)
+
+
+def fake_engines(model: Path) -> dict[int, list[str]]:
+    """The live fake engines serving this model dir: pid -> command line."""
+    found = {}
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if cmd[1:2] == [str(fake_launcher()[1])] and str(model) in cmd \
+                and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found[p.pid] = cmd
+    return found
+
+
+def kill_fake_engines(model: Path) -> None:
+    """Engines outlive their agent by design; a test's teardown must not leave any behind."""
+    for pid in fake_engines(model):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

@@ -154,6 +154,12 @@ def test_power_cap_lowers_power_and_clock(agent: AgentProcess) -> None:
             "INVALID_ARGUMENT",
             ["profiles"],
         ),
+        (
+            pb.ApplyMigLayoutRequest(gpu_index=3, mig_parted_yaml="version: v1\n",
+                                     mig_parted_config="a", restart_instances=True),
+            "INVALID_ARGUMENT",
+            ["restart_instances", "profiles"],
+        ),
     ],
 )
 def test_bad_requests_are_refused_and_change_nothing(

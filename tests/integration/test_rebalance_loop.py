@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import AgentProcess, free_port, poll, run_cli, start_agent
-from tests.fakes.engine_harness import fake_launcher, make_model_dir
+from tests.fakes.engine_harness import fake_launcher, kill_fake_engines, make_model_dir
 from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
 
 TOPOLOGY = {
@@ -83,6 +83,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for agent in agents.values():
             agent.stop(signal.SIGTERM)
         coordinator.stop(signal.SIGKILL)
+        kill_fake_engines(tmp_path / "model")  # engines outlive their agents by design
 
 
 def _cli(*args: str, timeout_s: float = 30.0) -> str:

@@ -3,6 +3,7 @@ rollback and re-adoption after an agent restart."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nodeagent.engines.manager import InstanceManager, State
+from nodeagent.engines.manager import JOURNAL_FILE, InstanceManager, State
 from nodeagent.engines.runner import ProcessRunner, rotate_log, tail_lines
 from nodeagent.engines.spec import DeviceInventory
 from nodeagent.engines.types import EngineLoad
@@ -222,6 +223,74 @@ def test_agent_restart_relaunches_engine_that_died(tmp_path: Path, model: Path) 
         assert second.wait_ready("a", 20).pid != pid
     finally:
         stop_all(second)
+
+
+def _crash_mid_reconfigure(first: InstanceManager, model: Path, new_env: dict) -> int:
+    """Start "a" (4 seqs), reconfigure it to 8 seqs in the background and let the agent go away
+    once the new engine is launched (close(): the journal is left as a kill -9 leaves it).
+    Returns the new engine's pid."""
+    first.start(spec(model))
+    first.wait_ready("a", 20)
+    errors: list[Exception] = []
+
+    def reconfigure() -> None:
+        try:
+            first.reconfigure("a", spec(model, max_num_seqs=8, env=new_env))
+        except FailedPrecondition as exc:  # interrupted by close()
+            errors.append(exc)
+
+    thread = threading.Thread(target=reconfigure)
+    thread.start()
+    launched = poll_until(lambda: (s := first.get("a")).spec.max_num_seqs == 8
+                          and s.state == State.STARTING and s)
+    first.close()
+    thread.join(20)
+    assert errors and not thread.is_alive()
+    return launched.pid
+
+
+def test_agent_crash_mid_reconfigure_completes_with_the_new_engine(
+    tmp_path: Path, model: Path
+) -> None:
+    settings = fast_settings(tmp_path)
+    first = InstanceManager(settings, ProcessRunner(), plain_inventory)
+    second = InstanceManager(settings, ProcessRunner(), plain_inventory)
+    try:
+        new_pid = _crash_mid_reconfigure(first, model, {"FAKE_VLLM_STARTUP_S": "1"})
+        assert second.recover() == (["a"], [])
+        ready = second.wait_ready("a", 20)
+        assert ready.pid == new_pid and ready.spec.max_num_seqs == 8 and ready.restarts == 0
+        journal = poll_until(lambda: (j := json.loads(
+            (settings.state_dir / JOURNAL_FILE).read_text()))["a"]["rollback_spec"] is None
+            and j)  # completed: nothing left to roll back to
+        assert journal["a"]["pid"] == new_pid
+    finally:
+        stop_all(second)
+        stop_all(first)
+
+
+def test_agent_crash_mid_reconfigure_rolls_back_when_the_new_engine_dies(
+    tmp_path: Path, model: Path
+) -> None:
+    settings = fast_settings(tmp_path)
+    first = InstanceManager(settings, ProcessRunner(), plain_inventory)
+    second = InstanceManager(settings, ProcessRunner(), plain_inventory)
+    try:
+        bad_env = {"FAKE_VLLM_STARTUP_S": "60", "FAKE_VLLM_EXIT_AFTER_S": "2"}
+        new_pid = _crash_mid_reconfigure(first, model, bad_env)
+        journal = json.loads((settings.state_dir / JOURNAL_FILE).read_text())
+        assert journal["a"]["rollback_spec"]["max_num_seqs"] == 4  # the old spec, journaled
+        assert second.recover() == (["a"], [])
+        second.start_monitor()  # must not restart the dying new engine meanwhile
+        back = poll_until(lambda: (s := second.get("a")).state == State.READY and s)
+        assert back.spec.max_num_seqs == 4 and back.spec.env == {}
+        assert back.pid != new_pid and back.command[-1] == "4" and back.restarts == 0
+        assert _gone(new_pid)
+        journal = json.loads((settings.state_dir / JOURNAL_FILE).read_text())
+        assert journal["a"]["pid"] == back.pid and journal["a"]["rollback_spec"] is None
+    finally:
+        stop_all(second)
+        stop_all(first)
 
 
 def test_adopt_checks_create_time_and_cmdline(tmp_path: Path, model: Path) -> None:
