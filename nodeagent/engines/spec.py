@@ -121,6 +121,13 @@ def validate_spec(
         raise InvalidArgument(f"port={spec.port} is already in use", field="port")
 
 
+def _is_local_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # e.g. ENAMETOOLONG: a name longer than the filesystem allows
+        return False
+
+
 def _check_identity(spec: InstanceSpec) -> None:
     if not _ID_RE.match(spec.instance_id):
         raise InvalidArgument(
@@ -128,7 +135,7 @@ def _check_identity(spec: InstanceSpec) -> None:
         )
     if not spec.endpoint.strip():
         raise InvalidArgument("endpoint must not be empty", field="endpoint")
-    if not spec.model_path or not Path(spec.model_path).is_dir():
+    if not spec.model_path or not _is_local_dir(spec.model_path):
         raise InvalidArgument(
             f"model_path={spec.model_path!r} is not a local model directory", field="model_path"
         )

@@ -95,6 +95,17 @@ def test_out_of_range_port_is_invalid_argument_not_a_crash(
     assert verdict.outcome == "refused:INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("model_path", ["x" * 300, "/tmp/" + "y" * 5000])
+def test_overlong_model_path_is_invalid_argument_not_a_crash(
+    coordinator: hostile.CoordinatorHarness, model_path: str
+) -> None:
+    """Found by bench/fuzz.py --cases 10000: is_dir() raised ENAMETOOLONG (OSError)."""
+    spec = hostile.pb.InstanceSpec(instance_id="a", endpoint="e", model_path=model_path,
+                                   devices=["0"])
+    verdict = coordinator.agent.call("StartInstance", hostile.pb.StartInstanceRequest(spec=spec))
+    assert verdict.outcome == "refused:INVALID_ARGUMENT", verdict.detail
+
+
 def test_refusal_that_changed_state_would_count_as_crash() -> None:
     """The harness itself: a refused call whose state differs is reported, not passed."""
     states = iter([1, 2])
