@@ -271,7 +271,7 @@ class EmergencyController:
         that was clearing resumes its steps."""
         nodes = self._scope_nodes(live.rec.scope, live.rec.name)
         fresh = [r for r in nodes if r.report is not None  # received here (agent clocks may skew)
-                 and r.last_seen_unix_s >= self._started_unix_s]
+                 and r.report_received_unix_s >= self._started_unix_s]
         if len(fresh) < len(nodes) and now_mono_s - self._started_mono_s < RESUME_WAIT_S:
             return
         live.resume_pending = False
@@ -505,7 +505,7 @@ class EmergencyController:
             return f"no acknowledgement ({track.failed or 'waiting'})" if overdue else ""
         node = rec.report
         # Received (coordinator clock, not the agent's) well after the acknowledgement.
-        if node is None or rec.last_seen_unix_s < track.acked_unix_s + 0.5:
+        if node is None or rec.report_received_unix_s < track.acked_unix_s + 0.5:
             return ""
         for gpu in node.gpus:
             cap_w = live.caps.get(rec.node_id, {}).get(gpu.index)

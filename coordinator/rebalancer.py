@@ -86,6 +86,7 @@ class Rebalancer:
         self._last_run_unix_s = 0.0
         self._last_plan_id = ""
         self._applying: asyncio.Task[None] | None = None
+        self._started_unix_s = core.clock.time()
         self._log = structlog.get_logger().bind(component="rebalancer")
 
     # ---------------------------------------------------------------- endpoints
@@ -244,7 +245,8 @@ class Rebalancer:
             await self._applying  # one plan at a time, as apply() enforces
 
     async def _await_reports(self, nodes: list[str]) -> list[str]:
-        """Wait for a report from each node under this coordinator; those still missing."""
+        """Wait for a report from each node received by this coordinator (the ones restored
+        from the database predate the crash); those still missing."""
         deadline = self._core.clock.monotonic() + self._s.verify_timeout_s
         while True:
             missing = [n for n in nodes if not self._reported(n)]
@@ -254,9 +256,10 @@ class Rebalancer:
 
     def _reported(self, node_id: str) -> bool:
         try:
-            return self._core.registry.get(node_id).report is not None
+            rec = self._core.registry.get(node_id)
         except errors.NotFound:
             return False
+        return rec.report is not None and rec.report_received_unix_s >= self._started_unix_s
 
     def _settle(self, a: dict[str, Any]) -> None:
         """An action whose answer was lost with the old coordinator: done if the reports show
@@ -452,7 +455,7 @@ class Rebalancer:
         deadline = self._core.clock.monotonic() + min(30.0, self._s.verify_timeout_s)
         while self._core.clock.monotonic() < deadline:
             rec = self._core.registry.get(node_id)  # receipt time: agent clocks may skew
-            if rec.report is not None and rec.last_seen_unix_s > since_unix_s:
+            if rec.report is not None and rec.report_received_unix_s > since_unix_s:
                 return
             await asyncio.sleep(self._s.verify_poll_s)
 

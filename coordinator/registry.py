@@ -33,6 +33,9 @@ class NodeRecord:
     last_seen_unix_s: float
     gpus: list[agent_pb2.Gpu] = field(default_factory=list)  # from the registration
     report: agent_pb2.Node | None = None
+    # When this process received `report` (its clock; 0 = restored from the database): what
+    # freshness is judged by, since agents' own timestamps may be skewed.
+    report_received_unix_s: float = 0.0
     load: NodeLoad | None = None  # node_load(report), computed once per report at ingest
     seq: int = 0
     lease: agent_pb2.Lease | None = None
@@ -97,7 +100,7 @@ class Registry:
         # Summed once here, so a rollup over thousands of nodes only adds a few floats per node.
         rec.load = node_load(report.node)
         rec.last_seen_mono_s = self._clock.monotonic()
-        rec.last_seen_unix_s = self._clock.time()
+        rec.last_seen_unix_s = rec.report_received_unix_s = self._clock.time()
         self.mark_dirty(rec)
         return True
 

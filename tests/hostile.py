@@ -241,11 +241,21 @@ def judge(call: Callable[[], Any], state: Callable[[], Any],
             return Verdict("crash", str(exc))
         after = state()
         if after != before:
-            return Verdict("crash", f"state changed on {exc}: {before!r} -> {after!r}")
+            return Verdict("crash", f"state changed on {exc}: {first_difference(before, after)}")
         return Verdict(f"refused:{exc.code.name}")
     except Exception as exc:
         return Verdict("crash", f"{type(exc).__name__}: {exc}")
     return Verdict("ok")
+
+
+def first_difference(before: Any, after: Any, path: str = "state") -> str:
+    """Where two nested states first differ, e.g. "state[0][1][0]: 300.0 -> 250.0"."""
+    if (isinstance(before, tuple) and isinstance(after, tuple)
+            and len(before) == len(after)):
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            if b != a:
+                return first_difference(b, a, f"{path}[{i}]")
+    return f"{path}: {before!r:.300} -> {after!r:.300}"
 
 
 def judge_parse(parse: Callable[[], Any], expected: tuple[type[Exception], ...]) -> Verdict:
@@ -291,8 +301,10 @@ class AgentHarness:
     manager: InstanceManager
 
     def gpu_state(self) -> Any:
-        """What a refused call must not change: limits, clock locks, MIG, the journal file."""
-        snap = self.agent.sampler.fresh()
+        """What a refused call must not change: limits, clock locks, MIG, the journal file.
+        Read from the devices now: the sampler's cached snapshot does not see a change made by
+        a plan from the coordinator's stream (run on the actuator, not through the servicer)."""
+        snap = self.agent.sampler.sample_now()
         gpus = tuple(
             (g.telemetry.power_limit_w, g.power_state.requested_w, g.clock_lock_mhz,
              g.mig.enabled, g.mig.pending_enabled, tuple(m.profile for m in g.mig.instances))
