@@ -115,16 +115,20 @@ class VirtualNode:
         return pb.Node(node_id=self.node_id, hostname=self.node_id, labels=self.labels,
                        backend="sim", gpus=gpus, budget=budget, sampled_at_unix_s=time.time())
 
+    async def connect(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+        """Open the AgentLink stream and register (answered by Registered)."""
+        call = cpb_grpc.AgentLinkStub(channel).Connect()
+        await call.write(cpb.AgentMessage(register=cpb.Register(
+            node_id=self.node_id, hostname=self.node_id, labels=self.labels,
+            backend="sim", gpus=self.report().gpus, report_interval_s=REPORT_INTERVAL_S)))
+        await call.read()
+        return call
+
     async def run(self, address: str, stop_at: float, offset_s: float) -> None:
         await asyncio.sleep(offset_s)
         async with grpc.aio.insecure_channel(
                 address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call = cpb_grpc.AgentLinkStub(channel).Connect()
-            node = self.report()
-            await call.write(cpb.AgentMessage(register=cpb.Register(
-                node_id=self.node_id, hostname=self.node_id, labels=self.labels,
-                backend="sim", gpus=node.gpus, report_interval_s=REPORT_INTERVAL_S)))
-            await call.read()
+            call = await self.connect(channel)
             outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),
                      asyncio.create_task(self._report(outbox, stop_at)),

@@ -110,12 +110,7 @@ class SoakNode(VirtualNode):
     async def _session(self, address: str, stop_at: float) -> None:
         async with grpc.aio.insecure_channel(
                 address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call = cpb_grpc.AgentLinkStub(channel).Connect()
-            node = self.report()
-            await call.write(cpb.AgentMessage(register=cpb.Register(
-                node_id=self.node_id, hostname=self.node_id, labels=self.labels,
-                backend="sim", gpus=node.gpus, report_interval_s=REPORT_INTERVAL_S)))
-            await call.read()
+            call = await self.connect(channel)
             self.guard.link_up(True)
             outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),

@@ -8,12 +8,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from nodeagent.engines.manager import JOURNAL_FILE, InstanceManager, State
+from nodeagent.engines.manager import JOURNAL_FILE, EngineSettings, InstanceManager, State
 from nodeagent.engines.runner import ProcessRunner, rotate_log, tail_lines
 from nodeagent.engines.spec import DeviceInventory
 from nodeagent.engines.types import EngineLoad
@@ -249,48 +250,48 @@ def _crash_mid_reconfigure(first: InstanceManager, model: Path, new_env: dict) -
     return launched.pid
 
 
-def test_agent_crash_mid_reconfigure_completes_with_the_new_engine(
-    tmp_path: Path, model: Path
-) -> None:
+@pytest.fixture
+def two_agents(tmp_path: Path) -> Iterator[tuple[EngineSettings, InstanceManager,
+                                                 InstanceManager]]:
+    """Two managers on one state dir: the agent that crashes and the one that recovers."""
     settings = fast_settings(tmp_path)
     first = InstanceManager(settings, ProcessRunner(), plain_inventory)
     second = InstanceManager(settings, ProcessRunner(), plain_inventory)
-    try:
-        new_pid = _crash_mid_reconfigure(first, model, {"FAKE_VLLM_STARTUP_S": "1"})
-        assert second.recover() == (["a"], [])
-        ready = second.wait_ready("a", 20)
-        assert ready.pid == new_pid and ready.spec.max_num_seqs == 8 and ready.restarts == 0
-        journal = poll_until(lambda: (j := json.loads(
-            (settings.state_dir / JOURNAL_FILE).read_text()))["a"]["rollback_spec"] is None
-            and j)  # completed: nothing left to roll back to
-        assert journal["a"]["pid"] == new_pid
-    finally:
-        stop_all(second)
-        stop_all(first)
+    yield settings, first, second
+    stop_all(second)
+    stop_all(first)
+
+
+def test_agent_crash_mid_reconfigure_completes_with_the_new_engine(
+    two_agents: tuple[EngineSettings, InstanceManager, InstanceManager], model: Path
+) -> None:
+    settings, first, second = two_agents
+    new_pid = _crash_mid_reconfigure(first, model, {"FAKE_VLLM_STARTUP_S": "1"})
+    assert second.recover() == (["a"], [])
+    ready = second.wait_ready("a", 20)
+    assert ready.pid == new_pid and ready.spec.max_num_seqs == 8 and ready.restarts == 0
+    journal = poll_until(lambda: (j := json.loads(
+        (settings.state_dir / JOURNAL_FILE).read_text()))["a"]["rollback_spec"] is None
+        and j)  # completed: nothing left to roll back to
+    assert journal["a"]["pid"] == new_pid
 
 
 def test_agent_crash_mid_reconfigure_rolls_back_when_the_new_engine_dies(
-    tmp_path: Path, model: Path
+    two_agents: tuple[EngineSettings, InstanceManager, InstanceManager], model: Path
 ) -> None:
-    settings = fast_settings(tmp_path)
-    first = InstanceManager(settings, ProcessRunner(), plain_inventory)
-    second = InstanceManager(settings, ProcessRunner(), plain_inventory)
-    try:
-        bad_env = {"FAKE_VLLM_STARTUP_S": "60", "FAKE_VLLM_EXIT_AFTER_S": "2"}
-        new_pid = _crash_mid_reconfigure(first, model, bad_env)
-        journal = json.loads((settings.state_dir / JOURNAL_FILE).read_text())
-        assert journal["a"]["rollback_spec"]["max_num_seqs"] == 4  # the old spec, journaled
-        assert second.recover() == (["a"], [])
-        second.start_monitor()  # must not restart the dying new engine meanwhile
-        back = poll_until(lambda: (s := second.get("a")).state == State.READY and s)
-        assert back.spec.max_num_seqs == 4 and back.spec.env == {}
-        assert back.pid != new_pid and back.command[-1] == "4" and back.restarts == 0
-        assert _gone(new_pid)
-        journal = json.loads((settings.state_dir / JOURNAL_FILE).read_text())
-        assert journal["a"]["pid"] == back.pid and journal["a"]["rollback_spec"] is None
-    finally:
-        stop_all(second)
-        stop_all(first)
+    settings, first, second = two_agents
+    bad_env = {"FAKE_VLLM_STARTUP_S": "60", "FAKE_VLLM_EXIT_AFTER_S": "2"}
+    new_pid = _crash_mid_reconfigure(first, model, bad_env)
+    journal = json.loads((settings.state_dir / JOURNAL_FILE).read_text())
+    assert journal["a"]["rollback_spec"]["max_num_seqs"] == 4  # the old spec, journaled
+    assert second.recover() == (["a"], [])
+    second.start_monitor()  # must not restart the dying new engine meanwhile
+    back = poll_until(lambda: (s := second.get("a")).state == State.READY and s)
+    assert back.spec.max_num_seqs == 4 and back.spec.env == {}
+    assert back.pid != new_pid and back.command[-1] == "4" and back.restarts == 0
+    assert _gone(new_pid)
+    journal = json.loads((settings.state_dir / JOURNAL_FILE).read_text())
+    assert journal["a"]["pid"] == back.pid and journal["a"]["rollback_spec"] is None
 
 
 def test_adopt_checks_create_time_and_cmdline(tmp_path: Path, model: Path) -> None:
