@@ -195,7 +195,7 @@ def run(nodes: int, seconds: float, processes: int, status_every_s: float) -> di
     results: mp.Queue = ctx.Queue()
     children = []
     try:
-        wait_for(lambda: _ready(stub), 30, "coordinator serving")
+        wait_for(lambda: serving(stub), 30, "coordinator serving")
         stop_at = time.time() + CONNECT_TIMEOUT_S + WARMUP_S + seconds + 10
         for p in range(processes):
             indices = list(range(p, nodes, processes))
@@ -250,7 +250,7 @@ def _wait_connected(stub: cpb_grpc.CoordinatorStub, nodes: int, timeout_s: float
     return connected
 
 
-def _ready(stub: cpb_grpc.CoordinatorStub) -> bool:
+def serving(stub: cpb_grpc.CoordinatorStub) -> bool:
     try:
         stats(stub)
     except grpc.RpcError:

@@ -43,7 +43,7 @@ from nodeagent.gpu.sim import SimulatedBackend
 from nodeagent.v1 import agent_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coordinator_fanin import free_port, wait_for
+from coordinator_fanin import free_port, serving, wait_for
 
 GPUS, ROWS, NODES_PER_RACK = 8, 4, 10
 HOST_OTHER_W = 1500.0  # idle + fans of an 8-GPU host, not cappable
@@ -199,10 +199,10 @@ def run(nodes: int, processes: int, timeout_s: float) -> dict[str, float]:
                          args=(address, list(range(p, nodes, processes)), nodes, stop_at),
                          daemon=True) for p in range(processes)]
     try:
-        time.sleep(1.0)
+        channel = grpc.insecure_channel(address)
+        wait_for(lambda: serving(cpb_grpc.CoordinatorStub(channel)), 30, "coordinator serving")
         for h in hosts:
             h.start()
-        channel = grpc.insecure_channel(address)
         em = epb_grpc.EmergencyStub(channel)
         wait_for(lambda: em.ListEmergencies(epb.ListEmergenciesRequest(), timeout=10)
                  .prearmed_nodes == nodes, 60 + nodes / 20, "every node pre-armed")
