@@ -302,8 +302,10 @@ class AgentHarness:
 
     def gpu_state(self) -> Any:
         """What a refused call must not change: limits, clock locks, MIG, the journal file.
-        Read from the devices now: the sampler's cached snapshot does not see a change made by
-        a plan from the coordinator's stream (run on the actuator, not through the servicer)."""
+        Read from the devices now, slow reads (MIG) included: a cached snapshot would not see a
+        change made by a plan from the coordinator's stream until its cache expired, which
+        then looked like a change made by a later, refused call."""
+        self.agent.sampler.mark_changed()  # the next sample re-reads everything
         snap = self.agent.sampler.sample_now()
         gpus = tuple(
             (g.telemetry.power_limit_w, g.power_state.requested_w, g.clock_lock_mhz,
@@ -467,6 +469,7 @@ async def _serve_plans(harness: CoordinatorHarness) -> None:
                 result = await asyncio.to_thread(run_plan, agent.agent.actuator, msg.plan)
             finally:
                 harness.plans_running -= 1
+                agent.agent.sampler.mark_changed()  # as the agent's link does after a plan
             session.resolve(result)
 
 
