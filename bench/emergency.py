@@ -132,24 +132,26 @@ class VirtualNode:
             outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),
                      asyncio.create_task(self._report(outbox, stop_at)),
-                     asyncio.create_task(_write(call, outbox))]
+                     asyncio.create_task(write_outbox(call, outbox))]
             await tasks[1]
             for t in tasks:
                 t.cancel()
 
     async def _read(self, call: grpc.aio.StreamStreamCall,
                     outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
-        seq = 0
         while (msg := await call.read()) is not grpc.aio.EOF:
-            kind = msg.WhichOneof("kind")
-            if kind == "emergency":
-                answer = self.guard.directive(msg.emergency)
-            elif kind == "prearm":
-                answer = self.guard.prearm(msg.prearm)
-            else:
-                continue
-            seq += 1
-            outbox.put_nowait(cpb.AgentMessage(plan_result=answer))
+            answer = self.answer(msg)
+            if answer is not None:
+                outbox.put_nowait(cpb.AgentMessage(plan_result=answer))
+
+    def answer(self, msg: cpb.CoordinatorMessage) -> pb.ApplyPlanResponse | None:
+        """The node's answer to a coordinator message (None: nothing to answer)."""
+        kind = msg.WhichOneof("kind")
+        if kind == "emergency":
+            return self.guard.directive(msg.emergency)
+        if kind == "prearm":
+            return self.guard.prearm(msg.prearm)
+        return None
 
     async def _report(self, outbox: asyncio.Queue[cpb.AgentMessage], stop_at: float) -> None:
         seq = 0
@@ -160,7 +162,8 @@ class VirtualNode:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
 
-async def _write(call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
+async def write_outbox(call: grpc.aio.StreamStreamCall,
+                       outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
     while True:
         await call.write(await outbox.get())
 

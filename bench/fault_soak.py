@@ -63,7 +63,14 @@ from nodeagent.v1 import agent_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from coordinator_fanin import free_port, wait_for
-from emergency import GPUS, HOST_OTHER_W, REPORT_INTERVAL_S, VirtualNode, placement, topology
+from emergency import (
+    GPUS,
+    HOST_OTHER_W,
+    VirtualNode,
+    placement,
+    topology,
+    write_outbox,
+)
 
 GRACE_S = 3.0  # fallback_after_s (1 s) + a report interval + scheduling slack
 STALL_S = 1.0  # a tick gap this long means the process was stopped
@@ -114,7 +121,7 @@ class SoakNode(VirtualNode):
             self.guard.link_up(True)
             outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),
-                     asyncio.create_task(self._write(call, outbox)),
+                     asyncio.create_task(write_outbox(call, outbox)),
                      asyncio.create_task(self._report(outbox, stop_at)),
                      asyncio.create_task(self.partition.wait())]
             try:
@@ -126,19 +133,10 @@ class SoakNode(VirtualNode):
                     t.cancel()
                 call.cancel()
 
-    async def _read(self, call: grpc.aio.StreamStreamCall,
-                    outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
-        while (msg := await call.read()) is not grpc.aio.EOF:
-            kind = msg.WhichOneof("kind")
-            if kind == "emergency":
-                answer = self.guard.directive(msg.emergency)
-            elif kind == "prearm":
-                answer = self.guard.prearm(msg.prearm)
-            elif kind == "plan":
-                answer = self._apply(msg.plan)
-            else:
-                continue
-            outbox.put_nowait(cpb.AgentMessage(plan_result=answer))
+    def answer(self, msg: cpb.CoordinatorMessage) -> pb.ApplyPlanResponse | None:
+        if msg.WhichOneof("kind") == "plan":
+            return self._apply(msg.plan)
+        return super().answer(msg)
 
     def _apply(self, plan: pb.Plan) -> pb.ApplyPlanResponse:
         results = []
@@ -149,20 +147,6 @@ class SoakNode(VirtualNode):
                 self.applied[action.action_id] += 1
             results.append(pb.ActionResult(action_id=action.action_id, ok=True, code="OK"))
         return pb.ApplyPlanResponse(plan_id=plan.plan_id, results=results, completed=True)
-
-    @staticmethod
-    async def _write(call: grpc.aio.StreamStreamCall,
-                     outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
-        while True:
-            await call.write(await outbox.get())
-
-    async def _report(self, outbox: asyncio.Queue[cpb.AgentMessage], stop_at: float) -> None:
-        seq = 0
-        while time.time() < stop_at:
-            seq += 1
-            outbox.put_nowait(cpb.AgentMessage(report=cpb.NodeReport(
-                node=self.report(), seq=seq, sent_at_unix_s=time.time())))
-            await asyncio.sleep(REPORT_INTERVAL_S)
 
     def check(self, now_s: float, stalled: bool) -> None:
         """Drive the guard's deadline and count an exposure longer than GRACE_S once."""
