@@ -33,10 +33,16 @@ from coordinator.emergency import (
     emergency_settings_from_args,
 )
 from coordinator.emergency_server import add_emergency_service
-from coordinator.emergency_store import EmergencyStore
+from coordinator.etcd import EtcdError
+from coordinator.ha import add_ha_args, check_ha_args, run_replica
+from coordinator.hierarchy import (
+    add_hierarchy_args,
+    hierarchy_settings_from_args,
+    leaf_tasks,
+    serve_parent,
+)
 from coordinator.leases import LeasePolicy
 from coordinator.link_server import AgentLinkServicer
-from coordinator.plan_store import PlanStore
 from coordinator.rebalance_server import add_rebalance_services, routes_json
 from coordinator.rebalancer import (
     Rebalancer,
@@ -52,7 +58,7 @@ from coordinator.security import (
     interceptors,
     security_from_args,
 )
-from coordinator.store import Store
+from coordinator.state_stores import StateStores, sqlite_stores
 from coordinator.topology import Topology, load_topology
 from coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from nodeagent.authz import Authorizer
@@ -87,6 +93,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add_security_args(p)  # --tls-cert --tls-key --tls-ca --auth-tokens --insecure
     add_emergency_args(p)  # --emergency-*: margins, fallback, clearing steps, detection
     add_rebalance_args(p)  # --rebalance-*, --profiles, --routes-listen
+    add_ha_args(p)  # --state, --etcd-*, --replica-id, --advertise, --leader-ttl-s
+    add_hierarchy_args(p)  # --role, --parent, --leaf-id, --parent-*
     return p
 
 
@@ -109,13 +117,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.emergency = emergency_settings_from_args(args)
         args.rebalance = rebalance_settings_from_args(args)
         args.profile_rows = load_profile_rows(args.profiles)
+        check_ha_args(args)
+        args.hierarchy = hierarchy_settings_from_args(args, security)
     except DomainError as err:
         log.error("config_invalid", field=err.field, error=str(err))
         print(f"coordinator: {err}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        if args.hierarchy.role == "parent":  # site limits over leaves; no agents
+            asyncio.run(serve_parent(args, topology, SystemClock(), security))
+            return 0
+        if args.state == "etcd":
+            return asyncio.run(run_replica(args, serve, topology=topology,
+                                           lease_policy=lease_policy, clock=SystemClock(),
+                                           security=security))
         asyncio.run(serve(args, topology, lease_policy, SystemClock(), security))
-    except (OSError, sqlite3.Error) as err:
+    except (OSError, sqlite3.Error, EtcdError) as err:
         log.error("start_failed", error=str(err))
         print(f"coordinator: {err}", file=sys.stderr)
         return 1
@@ -123,21 +140,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def serve(args: argparse.Namespace, topology: Topology, lease_policy: LeasePolicy,
-                clock: Clock, security: CoordinatorSecurity | None = None) -> None:
+                clock: Clock, security: CoordinatorSecurity | None = None,
+                stores: StateStores | None = None, stop: asyncio.Event | None = None) -> None:
+    """stores: None = the SQLite file args.db. stop: ends the coordinator like SIGTERM does."""
     log = structlog.get_logger().bind(component="coordinator")
     security = security or CoordinatorSecurity()
     if security.plaintext_warning:
         log.warning("insecure_plaintext", listen=args.listen,
                     note="plaintext gRPC on a non-loopback address (--insecure)")
-    store = Store(args.db)
+    stores = stores or sqlite_stores(args.db)
+    store = stores.store
     store.save_topology(str(args.topology), args.topology.read_text(), clock.time())
     epoch = store.bump_epoch()  # every start: plans and leases of the previous run are older
     core = CoordinatorCore(topology, store, clock, epoch=epoch, lease_policy=lease_policy,
                            action_timeout_s=args.action_timeout_s,
                            instance_action_timeout_s=args.instance_action_timeout_s)
-    emergencies = EmergencyController(core, EmergencyStore(args.db), args.emergency,
-                                      random.Random())
-    rebalancer = Rebalancer(core, PlanStore(args.db), args.profile_rows, args.rebalance,
+    emergencies = EmergencyController(core, stores.emergencies, args.emergency, random.Random())
+    rebalancer = Rebalancer(core, stores.plans, args.profile_rows, args.rebalance,
                             cuts=emergencies.cuts)  # limits lowered by the emergencies in force
     emergencies.attach_replanner(rebalancer)  # long emergencies: a plan under those limits
     identify = caller(security.authorizer())
@@ -153,7 +172,7 @@ async def serve(args: argparse.Namespace, topology: Topology, lease_policy: Leas
                                      asyncio.get_running_loop())
                    if args.routes_listen else None)
     await server.start()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     notifier = Notifier()
@@ -164,6 +183,7 @@ async def serve(args: argparse.Namespace, topology: Topology, lease_policy: Leas
     flush = _flush_loop(core, args.persist_interval_s, args.persist_batch)
     background = [asyncio.create_task(flush), asyncio.create_task(_watchdog_loop(notifier)),
                   asyncio.create_task(emergencies.run()), asyncio.create_task(rebalancer.run())]
+    background += leaf_tasks(args, core, emergencies, clock)  # --parent: rollups up, limits down
     await stop.wait()
 
     log.info("coordinator_stopping")

@@ -20,6 +20,8 @@ established streams and records everything in the emergency's timeline (SQLite) 
   attempt per emergency; its outcome is in the timeline and the audit log.
 - Clearing: clock locks reset, then caps raised in steps; every step waits a randomized time and
   only proceeds while the scope has hysteresis headroom under its restored limit; then lifted.
+- Adjusting (`adjust`, a parent coordinator's new row limit): an active power emergency's limit
+  moves in place, caps recomputed without lifting any in between (clear + declare would).
 - Pre-arming (every prearm_interval_s, and at once for a (re)connected node): each node gets the
   caps of its row's Phase 1 plan at each severity.
 - Detection: a row drawing above its limit (an aisle above its airflow limit) for detect_after_s
@@ -38,13 +40,13 @@ import json
 import random
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
 
 from coordinator.core import CoordinatorCore
-from coordinator.emergency_store import EmergencyRecord, EmergencyStore, Event
+from coordinator.emergency_store import EmergencyRecord, EmergencyStoreLike, Event
 from coordinator.policy import shed as policy
 from coordinator.rebalance_snapshot import ScopeCut
 from coordinator.registry import NodeRecord
@@ -134,7 +136,7 @@ class EmergencyView:
 
 
 class EmergencyController:
-    def __init__(self, core: CoordinatorCore, store: EmergencyStore,
+    def __init__(self, core: CoordinatorCore, store: EmergencyStoreLike,
                  settings: EmergencySettings, rng: random.Random) -> None:
         self._core = core
         self._store = store
@@ -208,6 +210,81 @@ class EmergencyController:
         self._audit(live, "ClearEmergency", actor, note)
         live.task = self._spawn(self._clear_steps(live))
         return self.view(emergency_id, with_timeline=False)
+
+    def adjust(self, emergency_id: str, power_limit_w: float, note: str,
+               actor: str) -> EmergencyView:
+        """Move an active power emergency's limit in place (a parent coordinator's new row
+        limit): clearing and declaring again would lift the caps in between. Lower: every GPU
+        gets the lower of its cap now and its cap in a Phase 1 plan at the new limit (none is
+        raised). Higher: a Phase 1 plan at the new limit that counts every capped GPU at its
+        maximum (the cap hides what it would draw), so a raise cannot overshoot. Phase 2 clock
+        locks are reset and redone under the new caps; clearing later starts from them."""
+        live = self._get_live(emergency_id)
+        r = live.rec
+        if r.state != ACTIVE or live.resume_pending:
+            why = "resuming after a restart" if r.state == ACTIVE else r.state
+            raise errors.FailedPrecondition(
+                f"emergency_id={emergency_id!r} is {why}; only an active emergency can be "
+                "adjusted", field="emergency_id")
+        if r.kind != "power":
+            raise errors.InvalidArgument(
+                f"emergency_id={emergency_id!r} is a {r.kind} emergency; only power "
+                "emergencies can be adjusted", field="emergency_id")
+        if not 0.0 < power_limit_w <= r.normal_limit:
+            raise errors.out_of_range("power_limit_w", power_limit_w, 0.0, r.normal_limit, "W")
+        before_w = r.power_limit_w
+        nodes = self._scope_nodes(r.scope, r.name)
+        plan, caps = self._adjusted_caps(live, nodes, power_limit_w)
+        r.capacity_frac, r.new_limit, r.power_limit_w = (power_limit_w / r.normal_limit,
+                                                         power_limit_w, power_limit_w)
+        r.note, r.shortfall_w = note or r.note, plan.shortfall_w
+        self._reset_clocks(live)
+        live.phase2_done, live.under_since_mono_s, live.under_limit_unix_s = False, None, None
+        live.base_caps = caps
+        live.caps = {rec.node_id: dict(caps.get(rec.node_id, {})) for rec in nodes}
+        self._event(live, "adjusted", detail={
+            "actor": actor, "from_power_limit_w": before_w, "power_limit_w": power_limit_w,
+            "expected_w": round(plan.expected_w, 1), "shortfall_w": round(plan.shortfall_w, 1)})
+        for rec in nodes:
+            self._issue(live, rec)
+        if not plan.feasible and power_limit_w < before_w:
+            self._escalate(live, plan)
+        self._store.save(r)
+        self._flush(live)
+        self._audit(live, "AdjustEmergency", actor, f"{before_w:.0f} -> {power_limit_w:.0f} W")
+        self._log.warning("emergency_adjusted", emergency_id=emergency_id,
+                          from_power_limit_w=round(before_w), power_limit_w=round(power_limit_w))
+        return self.view(emergency_id, with_timeline=False)
+
+    def _adjusted_caps(self, live: _Live, nodes: list[NodeRecord], power_limit_w: float
+                       ) -> tuple[policy.ShedPlan, dict[str, dict[int, float]]]:
+        snapshot = self._snapshot(nodes)
+        if power_limit_w >= live.rec.power_limit_w:
+            capped = {(n, i) for n, caps in live.caps.items() for i in caps}
+            snapshot = replace(snapshot, gpus=tuple(
+                replace(g, power_draw_w=g.power_limit_max_w)
+                if (g.node_id, g.gpu_index) in capped else g for g in snapshot.gpus))
+            plan = policy.shed(snapshot, power_limit_w, self._s.margin_frac)
+            return plan, plan.caps_by_node()
+        plan = policy.shed(snapshot, power_limit_w, self._s.margin_frac)
+        caps = {n: dict(c) for n, c in live.caps.items() if c}
+        for node_id, new in plan.caps_by_node().items():
+            mine = caps.setdefault(node_id, {})
+            for index, cap_w in new.items():
+                mine[index] = min(cap_w, mine.get(index, cap_w))
+        return plan, caps
+
+    def in_force(self, scope: str, name: str, kind: str = "power") -> list[EmergencyView]:
+        """The emergencies not yet cleared (active or clearing) on one scope, oldest first."""
+        return [self.view(live.rec.emergency_id, with_timeline=False)
+                for live in self._live.values()
+                if live.rec.state != CLEARED
+                and (live.rec.scope, live.rec.name, live.rec.kind) == (scope, name, kind)]
+
+    def resuming(self, emergency_id: str) -> bool:
+        """Found in force at start and still waiting for its nodes' reports (see _try_resume)."""
+        live = self._live.get(emergency_id)
+        return live is not None and live.resume_pending
 
     def view(self, emergency_id: str, with_timeline: bool = True) -> EmergencyView:
         live = self._live.get(emergency_id)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator.store import open_db
 
@@ -52,6 +52,15 @@ class Event:
     kind: str
     node_id: str = ""
     detail: dict[str, Any] | None = None
+
+
+class EmergencyStoreLike(Protocol):
+    """What the emergency controller needs of a store (this SQLite one, or etcd's)."""
+
+    def save(self, rec: EmergencyRecord) -> None: ...
+    def load(self, active_only: bool = False) -> list[EmergencyRecord]: ...
+    def append(self, emergency_id: str, events: Iterable[Event]) -> None: ...
+    def timeline(self, emergency_id: str) -> list[Event]: ...
 
 
 class EmergencyStore:

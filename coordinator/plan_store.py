@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator.store import open_db
 
@@ -22,6 +22,21 @@ CREATE TABLE IF NOT EXISTS rebalance_plans (
 CREATE INDEX IF NOT EXISTS rebalance_plans_by_time ON rebalance_plans (created_at_unix_s);
 CREATE TABLE IF NOT EXISTS rebalance_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+class PlanStoreLike(Protocol):
+    """What the rebalancer needs of a store (this SQLite one, or etcd's)."""
+
+    def save_endpoint(self, name: str, doc: dict[str, Any], now_unix_s: float) -> None: ...
+    def delete_endpoint(self, name: str) -> bool: ...
+    def load_endpoints(self) -> list[dict[str, Any]]: ...
+    def save_plan(self, plan_id: str, created_at_unix_s: float, state: str,
+                  doc: dict[str, Any]) -> None: ...
+    def load_plan(self, plan_id: str) -> dict[str, Any] | None: ...
+    def latest_plans(self, limit: int) -> list[dict[str, Any]]: ...
+    def plans_in_state(self, state: str) -> list[dict[str, Any]]: ...
+    def get_setting(self, key: str) -> str | None: ...
+    def set_setting(self, key: str, value: str) -> None: ...
 
 
 class PlanStore:

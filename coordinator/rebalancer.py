@@ -30,7 +30,7 @@ import structlog
 from google.protobuf import json_format
 
 from coordinator.core import CoordinatorCore
-from coordinator.plan_store import PlanStore
+from coordinator.plan_store import PlanStoreLike
 from coordinator.policy import model as pm
 from coordinator.policy.placement import PlaceRequest, RankedNode, place
 from coordinator.policy.rebalance import rebalance
@@ -71,7 +71,7 @@ class RebalanceSettings:
 
 
 class Rebalancer:
-    def __init__(self, core: CoordinatorCore, store: PlanStore, profiles: list[ProfileRow],
+    def __init__(self, core: CoordinatorCore, store: PlanStoreLike, profiles: list[ProfileRow],
                  settings: RebalanceSettings,
                  cuts: Callable[[], Sequence[ScopeCut]] | None = None) -> None:
         self._core = core

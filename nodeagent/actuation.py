@@ -190,6 +190,11 @@ class Actuator:
     def epoch_seen(self) -> int:
         return self._journal.epoch_seen
 
+    def note_epoch(self, epoch: int) -> None:
+        """A coordinator of this epoch registered us: plans of older epochs are refused from now
+        on (a deposed leader's, coordinator.election), even before the new one sends a plan."""
+        self._journal.note_epoch(epoch)
+
     # ---------------------------------------------------------------- start / stop
 
     def capture_defaults(self) -> None:

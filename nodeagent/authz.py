@@ -65,6 +65,8 @@ AGENT_METHODS: Mapping[str, frozenset[str]] = {
 COORDINATOR_METHODS: Mapping[str, frozenset[str]] = {
     **COMMON_METHODS,
     "/shapeshifter.coordinator.v1.AgentLink/Connect": AGENT_LINK,
+    # A leaf coordinator's stream to its parent (coordinator.hierarchy).
+    "/shapeshifter.coordinator.v1.ParentLink/Connect": frozenset({"coordinator"}),
     **{
         _COORD + m: READ
         for m in (
@@ -87,6 +89,7 @@ COORDINATOR_METHODS: Mapping[str, frozenset[str]] = {
 READ_PREFIXES = ("Get", "List", "Watch", "Describe", "Preview", "Explain")
 SERVICE_DEFAULTS: Mapping[str, frozenset[str]] = {
     "Emergency": ADMIN,
+    "Site": ADMIN,  # a parent coordinator's site limits (GetSite: viewer)
     "Topology": ADMIN,
     "Planner": OPERATE,
     "Placement": OPERATE,

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nodeagent.errors import InvalidArgument
 from nodeagent.transport import check_plaintext
@@ -106,12 +114,51 @@ class ThermalGuardConfig(_Section):
     cooldown_s: Annotated[float, _ranged(0, 600, "s")] = 5.0  # between steps on one GPU
 
 
+def split_addresses(value: str) -> list[str]:
+    """'a:1, b:2' -> ['a:1', 'b:2']; '' -> [] (blank items are dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _split_if_text(value: Any) -> Any:
+    return split_addresses(value) if isinstance(value, str) else value
+
+
 class CoordinatorConfig(_Section):
-    address: str = ""  # "" = standalone
+    """The coordinator replicas (HA: the agent follows the leader among them). ``address`` takes
+    one address or a comma-separated list (the --coordinator flag); ``addresses`` a list (or a
+    comma-separated string from the environment). Both empty: standalone."""
+
+    address: str = ""  # "" = standalone; "a:1,b:2" is the same as addresses: [a:1, b:2]
+    addresses: list[Annotated[str, AfterValidator(_required)]] = Field(default_factory=list)
     report_interval_s: Annotated[float, _ranged(0.1, 60, "s")] = 1.0
     # Redial backoff (exponential with jitter) after the link to the coordinator is lost.
     reconnect_initial_s: Annotated[float, _ranged(0.05, 60, "s")] = 0.5
     reconnect_max_s: Annotated[float, _ranged(0.1, 600, "s")] = 10.0
+
+    _split_addresses = field_validator("addresses", mode="before")(_split_if_text)
+
+    @model_validator(mode="after")
+    def _one_list(self) -> CoordinatorConfig:
+        listed = split_addresses(self.address)
+        if self.addresses and listed and self.addresses != listed:
+            raise ValueError(
+                f"coordinator.address={self.address!r} and coordinator.addresses="
+                f"{self.addresses!r} disagree: set only one of them"
+            )
+        if len(listed) > 1:  # a list given as text (--coordinator a:1,b:2): the list field
+            self.addresses = listed
+        return self
+
+    @property
+    def effective_addresses(self) -> tuple[str, ...]:
+        """Every coordinator replica to dial, in configured order; () = standalone."""
+        return tuple(self.addresses) or tuple(split_addresses(self.address))
+
+    def named_addresses(self) -> list[tuple[str, str]]:
+        """(field name for error messages, address) for each effective address."""
+        if self.addresses:
+            return [(f"coordinator.addresses[{i}]", a) for i, a in enumerate(self.addresses)]
+        return [("coordinator.address", a) for a in split_addresses(self.address)]
 
 
 class EnginesConfig(_Section):
@@ -187,7 +234,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", metavar="ADDR")
     p.add_argument("--node-id", metavar="ID")
     p.add_argument("--labels", metavar="k=v,...")
-    p.add_argument("--coordinator", metavar="ADDR")
+    p.add_argument("--coordinator", metavar="ADDR[,ADDR...]",
+                   help="coordinator replica addresses (comma-separated)")
     p.add_argument("--interval-s", type=float, metavar="S")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--tls-cert", metavar="FILE", help="tls.cert_file")
@@ -251,7 +299,7 @@ def validate_config(tree: Mapping[str, Any], source: str = "config") -> AgentCon
 
 def _check_plaintext(cfg: AgentConfig, source: str) -> None:
     """Plaintext gRPC (no tls section) only on loopback, unless insecure: true."""
-    addresses = (("listen", cfg.listen), ("coordinator.address", cfg.coordinator.address))
+    addresses = [("listen", cfg.listen), *cfg.coordinator.named_addresses()]
     for field, address in addresses:
         if address:
             try:
@@ -298,6 +346,8 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 def _describe(err: Mapping[str, Any]) -> str:
     loc = ".".join(str(part) for part in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error" and isinstance(err["input"], Mapping):  # a section check
+        return f"{loc}: {msg}"
     if msg.startswith("is outside"):
         return f"{loc}={err['input']!r} {msg}"
     if err["type"] in ("missing", "extra_forbidden"):

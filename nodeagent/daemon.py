@@ -144,16 +144,24 @@ def build_agent(cfg: AgentConfig, clock: Clock, log: Any) -> Agent:
     agent = Agent(
         cfg, backend, actuator, sampler, servicer, server, notifier, log, lease_keeper=lease_keeper
     )
-    if cfg.coordinator.address:
+    if cfg.coordinator.effective_addresses:
         c = cfg.coordinator
         settings = LinkSettings(
-            c.address, c.report_interval_s, c.reconnect_initial_s, c.reconnect_max_s,
+            addresses=c.effective_addresses,
+            report_interval_s=c.report_interval_s,
+            reconnect_initial_s=c.reconnect_initial_s,
+            reconnect_max_s=c.reconnect_max_s,
             credentials=security.link_credentials,
         )
+        guard = EmergencyGuard(actuator, actuator.gpu_indices, clock, log)
+
+        def note_epoch(epoch: int) -> None:
+            for fence in (actuator, guard, lease_keeper):
+                fence.note_epoch(epoch)
+
         agent.link = CoordinatorLink(
             settings, servicer.latest_node, actuator, lease_keeper, clock, log,
-            on_change=sampler.mark_changed,
-            emergency=EmergencyGuard(actuator, actuator.gpu_indices, clock, log),
+            on_change=sampler.mark_changed, emergency=guard, on_epoch=note_epoch,
         )
     return agent
 
@@ -209,7 +217,7 @@ def start_agent(agent: Agent) -> None:
 
         agent.engines = attach_engines(agent)
     if agent.link is not None:
-        agent.link.start()  # dials cfg.coordinator.address, registers, reports (issue 3)
+        agent.link.start()  # dials the coordinator (leader), registers, reports (issue 3)
     agent.server.start()
     if cfg.metrics_listen:
         agent.metrics_server, agent.metrics_port = serve_metrics(

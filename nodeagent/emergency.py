@@ -91,6 +91,11 @@ class EmergencyGuard:
                 results += self._lift_fallback()
             return _answer(msg.directive_id, results)
 
+    def note_epoch(self, epoch: int) -> None:
+        """A coordinator of this epoch registered us: older epochs' messages are refused."""
+        with self._lock:
+            self._epoch = max(self._epoch, epoch)
+
     def link_up(self, up: bool) -> None:
         with self._lock:
             self._link_up = up

@@ -42,6 +42,11 @@ class LeaseKeeper:
         self._applied: tuple[str, str] = (STANDALONE, "")  # (state, lease_id) in effect
         self.last_error = ""
 
+    def note_epoch(self, epoch: int) -> None:
+        """A coordinator of this epoch registered us: older epochs' leases are refused."""
+        with self._lock:
+            self._epoch = max(self._epoch, epoch)
+
     @property
     def state(self) -> str:
         return self._applied[0]

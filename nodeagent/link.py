@@ -2,10 +2,20 @@
 
 The agent dials out, sends Register, then a NodeReport every report interval. It receives
 Registered, Leases (handed to the LeaseKeeper) and Plans (run in order on the actuator; each
-answered with a plan_result on the same stream). A lost stream is redialled with exponential
-backoff and jitter (tenacity); the backoff restarts after a session that got registered. The
-lease ticker runs whether or not the stream is up, so an unreachable coordinator leads to the
-fail-safe caps when the lease runs out.
+answered with a plan_result on the same stream). The lease ticker runs whether or not the stream
+is up, so an unreachable coordinator leads to the fail-safe caps when the lease runs out.
+
+Several coordinator replicas (HA): only the elected leader serves; the others refuse with
+UNAVAILABLE and name the leader in the trailing metadata key ``shapeshifter-leader``. The link
+dials the leader hint when it has one (at once, no backoff), else the next address round-robin.
+One "cycle" tries every address once (hints in between); only a cycle in which no address
+registered the agent is retried with exponential backoff and jitter (tenacity), and the backoff
+restarts after a session that got registered, so a failover does not leave the agent sleeping.
+
+A coordinator that stops without closing its connections (SIGSTOP, a hung host) is detected by
+silence: a coordinator renews the lease every third of its TTL, so nothing read for longer than
+the last lease's TTL (before any lease: max(3 report intervals, 5 s)) ends the session and the
+link redials another address.
 """
 
 from __future__ import annotations
@@ -34,8 +44,18 @@ class PlanActuator(Protocol):
     def apply_plan(self, plan: act.Plan) -> act.PlanOutcome: ...
 
 
+LEADER_METADATA_KEY = "shapeshifter-leader"  # trailing metadata of a follower's refusal
+SILENCE_BEFORE_LEASE_MIN_S = 5.0
+
+
 class LinkError(Exception):
     """The stream failed before or during registration (retried with backoff)."""
+
+
+class StatusLost(LinkError):
+    """The coordinator ended the call before Register was written, and grpc.aio replaced its
+    status (a follower's refusal, with the leader hint) by INTERNAL "Internal error from Core"
+    (grpc/grpc#36066). Not an answer: the address is redialled at once."""
 
 
 class SessionEnded(Exception):
@@ -43,16 +63,37 @@ class SessionEnded(Exception):
 
 
 _RETRIED = (grpc.aio.AioRpcError, LinkError, OSError)
+_LOST_STATUS_DETAILS = "Internal error from Core"  # grpc.aio's stand-in for a lost status
+_LOST_STATUS_REDIALS = 2  # per dial
 
 
 @dataclass(frozen=True)
 class LinkSettings:
-    address: str
+    """addresses: every coordinator replica, in the order they are tried. address: a single
+    coordinator (callers from before HA); after construction it is addresses[0] when not given,
+    and addresses is (address,) when not given."""
+
+    address: str = ""
     report_interval_s: float = 1.0
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 10.0
     lease_tick_s: float = 0.1
     credentials: grpc.ChannelCredentials | None = None  # mTLS; None: plaintext
+    addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        addresses = tuple(self.addresses) or ((self.address,) if self.address else ())
+        if not addresses:
+            raise ValueError("LinkSettings needs at least one coordinator address")
+        if self.address and self.address not in addresses:
+            raise ValueError(f"address {self.address!r} is not one of addresses {addresses!r}")
+        object.__setattr__(self, "addresses", addresses)  # frozen: normalise once, here
+        object.__setattr__(self, "address", self.address or addresses[0])
+
+    @property
+    def silence_before_lease_s(self) -> float:
+        """How long a coordinator may send nothing before its first lease of a session."""
+        return max(3 * self.report_interval_s, SILENCE_BEFORE_LEASE_MIN_S)
 
 
 def run_plan(actuator: PlanActuator, plan: agent_pb2.Plan) -> agent_pb2.ApplyPlanResponse:
@@ -80,19 +121,26 @@ class CoordinatorLink:
         log: Any,
         on_change: Callable[[], None] = lambda: None,
         emergency: EmergencyGuard | None = None,
+        on_epoch: Callable[[int], None] = lambda _epoch: None,
     ) -> None:
         """on_change: called after each plan ran (e.g. the sampler's mark_changed, so that the
         next snapshot and report show the effect). emergency: emergency caps and the pre-armed
-        fallback (applied at once when the stream is lost during an emergency)."""
+        fallback (applied at once when the stream is lost during an emergency). on_epoch: called
+        with each registration's epoch (the agent's fences: plans, leases, emergency messages)."""
         self._emergency = emergency
         self._s = settings
         self._snapshot = snapshot
         self._on_change = on_change
+        self._on_epoch = on_epoch
         self._actuator = actuator
         self._lease = lease
         self._clock = clock
-        self._log = log.bind(coordinator=settings.address)
+        self._log = log
         self._seq = 0
+        self.address = settings.addresses[0]  # the coordinator dialled last (or being dialled)
+        self._next_index = 0  # round-robin position in settings.addresses
+        self._leader_hint: str | None = None  # from a follower's refusal; dialled next, once
+        self._silence_limit_s = settings.silence_before_lease_s
         self.connected = False
         self.epoch = 0
         self.topology_known: bool | None = None
@@ -159,9 +207,64 @@ class CoordinatorLink:
                 )
                 async for attempt in retrying:
                     with attempt:
-                        await self._session()
+                        await self._cycle()
             except SessionEnded as ended:
-                self._log.warning("coordinator link lost; reconnecting", reason=str(ended))
+                self._log.warning(
+                    "coordinator link lost; reconnecting", address=self.address, reason=str(ended)
+                )
+
+    async def _cycle(self) -> None:
+        """Dial each address once (a leader hint first, when there is one) until one registers
+        the agent. Returns only by SessionEnded (a registered session ended); raises LinkError
+        when none did, which the caller retries with backoff. Once per address and cycle, so two
+        replicas naming each other the leader cannot keep the agent from the others."""
+        failures: list[str] = []
+        tried: set[str] = set()
+        while (address := self._pick_address(tried)) is not None:
+            tried.add(address)
+            try:
+                await self._dial(address)
+            except _RETRIED as err:
+                failures.append(f"{address}: {_describe(err)}")
+                self._follow_leader(err, address)
+        raise LinkError("; ".join(failures))
+
+    def _pick_address(self, tried: set[str]) -> str | None:
+        """The leader hint (used once), else the next address round-robin; None when every
+        address has been tried in this cycle."""
+        hint, self._leader_hint = self._leader_hint, None
+        if hint is not None and hint not in tried:
+            self.address = hint
+            return hint
+        for _ in self._s.addresses:
+            candidate = self._s.addresses[self._next_index]
+            self._next_index = (self._next_index + 1) % len(self._s.addresses)
+            if candidate not in tried:
+                self.address = candidate
+                return candidate
+        return None
+
+    async def _dial(self, address: str) -> None:
+        """One session with address; redialled at once when grpc.aio lost its answer."""
+        for _ in range(_LOST_STATUS_REDIALS):
+            try:
+                return await self._session(address)
+            except StatusLost:
+                continue
+        return await self._session(address)
+
+    def _follow_leader(self, err: BaseException, address: str) -> None:
+        """Remember the leader a follower named. Only configured addresses are followed: the
+        configuration (and its plaintext check) decides where this agent may connect."""
+        hint = leader_hint(err)
+        if hint is None or hint == address:
+            return
+        if hint not in self._s.addresses:
+            self._log.warning("leader hint is not a configured coordinator address; ignored",
+                              address=address, leader=hint, addresses=list(self._s.addresses))
+            return
+        self._log.info("coordinator is not the leader; following", address=address, leader=hint)
+        self._leader_hint = hint
 
     def _log_retry(self, state: Any) -> None:
         err = state.outcome.exception() if state.outcome else None
@@ -172,27 +275,55 @@ class CoordinatorLink:
             error=_describe(err),
         )
 
-    async def _session(self) -> None:
-        async with self._channel() as channel:
+    async def _session(self, address: str) -> None:
+        self._silence_limit_s = self._s.silence_before_lease_s  # until this session's first lease
+        async with self._channel(address) as channel:
             call = coordinator_pb2_grpc.AgentLinkStub(channel).Connect()
-            await call.write(cpb.AgentMessage(register=self._register()))
-            first = await call.read()
-            if first is grpc.aio.EOF or first.WhichOneof("kind") != "registered":
-                raise LinkError("the coordinator did not answer the registration")
-            self._on_registered(first.registered)
+            first = await self._register_on(call)
+            self._on_registered(first.registered, address)
             try:
                 await self._exchange(call)
             except _RETRIED as err:
+                self._follow_leader(err, address)  # a leader that stepped down may name the next
                 raise SessionEnded(_describe(err)) from err
             finally:
                 self.connected = False
                 if self._emergency is not None:
                     self._emergency.link_up(False)
 
-    def _channel(self) -> grpc.aio.Channel:
+    async def _register_on(self, call: Any) -> cpb.CoordinatorMessage:
+        """Send Register and read Registered. Bounded: a stopped coordinator still accepts TCP
+        connections, and the call would otherwise wait for it forever."""
+        try:
+            async with asyncio.timeout(self._silence_limit_s):
+                await self._send_register(call)
+                first = await call.read()
+        except TimeoutError:
+            raise LinkError(
+                f"coordinator silent for {self._silence_limit_s:g} s during registration"
+            ) from None
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "registered":
+            raise LinkError("the coordinator did not answer the registration")
+        return first
+
+    async def _send_register(self, call: Any) -> None:
+        """Write Register. A refusing coordinator (a follower) may end the call before that;
+        then read() raises its status, unless grpc.aio lost it (StatusLost)."""
+        try:
+            await call.write(cpb.AgentMessage(register=self._register()))
+        except asyncio.InvalidStateError:
+            return  # the call had ended: read() raises its status
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.INTERNAL and err.details() == _LOST_STATUS_DETAILS:
+                raise StatusLost(
+                    "the coordinator ended the call before Register was sent; status lost"
+                ) from err
+            raise
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
         if self._s.credentials is None:
-            return grpc.aio.insecure_channel(self._s.address)
-        return grpc.aio.secure_channel(self._s.address, self._s.credentials)
+            return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(address, self._s.credentials)
 
     def _register(self) -> cpb.Register:
         node = self._snapshot()
@@ -206,12 +337,20 @@ class CoordinatorLink:
             report_interval_s=self._s.report_interval_s,
         )
 
-    def _on_registered(self, reg: cpb.Registered) -> None:
+    def _on_registered(self, reg: cpb.Registered, address: str) -> None:
         self.connected, self.epoch, self.topology_known = True, reg.epoch, reg.topology_known
+        self._on_epoch(reg.epoch)  # fences older leaders' plans, leases and emergency messages
+        # Redial after this session starts with the next replica, not this one again (it may be
+        # the one that went silent).
+        if address in self._s.addresses:
+            self._next_index = (self._s.addresses.index(address) + 1) % len(self._s.addresses)
         if self._emergency is not None:
             self._emergency.link_up(True)
         self._log.info(
-            "registered with coordinator", epoch=reg.epoch, topology_known=reg.topology_known
+            "registered with coordinator",
+            address=address,
+            epoch=reg.epoch,
+            topology_known=reg.topology_known,
         )
         if not reg.topology_known:
             self._log.warning("coordinator does not know this node's labels", note=reg.message)
@@ -254,9 +393,10 @@ class CoordinatorLink:
 
     async def _read(self, call: Any, plans: asyncio.Queue[agent_pb2.Plan],
                     outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
-        while (msg := await call.read()) is not grpc.aio.EOF:
+        while (msg := await self._read_within_limit(call)) is not grpc.aio.EOF:
             kind = msg.WhichOneof("kind")
             if kind == "lease":
+                self._silence_limit_s = self._silence_after_lease_s(msg.lease)
                 await asyncio.to_thread(self._lease.grant, msg.lease)
             elif kind == "plan":
                 plans.put_nowait(msg.plan)
@@ -270,6 +410,22 @@ class CoordinatorLink:
             else:
                 self._log.warning("unexpected message from coordinator", kind=kind)
         raise LinkError("the coordinator closed the stream")
+
+    async def _read_within_limit(self, call: Any) -> Any:
+        """The next message, or LinkError when the coordinator has been silent for too long: a
+        stopped coordinator keeps its TCP connection open, so the read alone would never end."""
+        try:
+            async with asyncio.timeout(self._silence_limit_s):
+                return await call.read()
+        except TimeoutError:
+            raise LinkError(f"coordinator silent for {self._silence_limit_s:g} s") from None
+
+    def _silence_after_lease_s(self, lease: agent_pb2.Lease) -> float:
+        """The lease's TTL: three renewals (every TTL/3) missed. Leases are renewed in answer to
+        reports, so they come no more often than reports; hence the 3-report floor."""
+        if lease.ttl_s <= 0:
+            return self._s.silence_before_lease_s
+        return max(lease.ttl_s, 3 * self._s.report_interval_s)
 
     async def _run_plans(
         self, plans: asyncio.Queue[agent_pb2.Plan], outbox: asyncio.Queue[cpb.AgentMessage]
@@ -286,6 +442,17 @@ class CoordinatorLink:
                 completed=result.completed,
             )
             outbox.put_nowait(cpb.AgentMessage(plan_result=result))
+
+
+def leader_hint(err: BaseException) -> str | None:
+    """HOST:PORT of the leader from a follower's UNAVAILABLE refusal; None when not named."""
+    if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == LEADER_METADATA_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return text.strip() or None
+    return None
 
 
 def _describe(err: BaseException | None) -> str:

@@ -37,7 +37,7 @@ def agent_security(cfg: AgentConfig, log: Any) -> AgentSecurity:
 
 
 def _warn_plaintext(cfg: AgentConfig, log: Any) -> None:
-    for name, address in (("listen", cfg.listen), ("coordinator.address", cfg.coordinator.address)):
+    for name, address in (("listen", cfg.listen), *cfg.coordinator.named_addresses()):
         if address and not is_loopback(address):
             log.warning("insecure: plaintext gRPC on a non-loopback address (insecure: true)",
                         field=name, address=address)

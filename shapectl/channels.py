@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodeagent.errors import InvalidArgument
 from nodeagent.transport import TlsFiles, TlsMaterial, channel_credentials, read_tls
 
+LEADER_METADATA_KEY = "shapeshifter-leader"  # as coordinator.ha sends it
 ENV_FLAGS = (("tls_cert", "SHAPECTL_TLS_CERT"), ("tls_key", "SHAPECTL_TLS_KEY"),
              ("tls_ca", "SHAPECTL_TLS_CA"), ("token", "SHAPECTL_TOKEN"))
 
@@ -91,3 +93,21 @@ def client_channel(args: Any, address: str) -> grpc.Channel:
     CLI computed it, else from the flags)."""
     security = getattr(args, "security", None) or client_security(args)
     return open_channel(address, security)
+
+
+def leader_of(addresses: list[str], security: ClientSecurity | None,
+              timeout_s: float = 2.0) -> str:
+    """The replica that serves; a follower's refusal names the leader (trailing metadata
+    `shapeshifter-leader`, coordinator.ha). When none answers, the first address (the command
+    then fails with that replica's error)."""
+    for address in addresses:
+        with open_channel(address, security) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=timeout_s)
+                return address
+            except grpc.RpcError as err:
+                hint = dict(err.trailing_metadata() or ()).get(LEADER_METADATA_KEY, "")
+                if hint in addresses:
+                    return hint
+    return addresses[0]

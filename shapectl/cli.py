@@ -19,7 +19,7 @@ from shapectl import (
     profile_cmds,
     simulate_cmds,
 )
-from shapectl.channels import ChannelError, add_security_args, client_security
+from shapectl.channels import ChannelError, add_security_args, client_security, leader_of
 from shapectl.targets import TargetError
 
 # Each module exposes register(subparsers); its subparsers set `func(args) -> int`.
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinator",
         metavar="ADDR",
         default=os.environ.get("SHAPECTL_COORDINATOR", DEFAULT_COORDINATOR),
-        help="coordinator address (default: $SHAPECTL_COORDINATOR or %(default)s)",
+        help="coordinator address, or replicas' addresses comma-separated (the leader is "
+             "found) (default: $SHAPECTL_COORDINATOR or %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="RPC timeout")
     add_security_args(parser, os.environ)  # --tls-cert --tls-key --tls-ca --token
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         args.security = client_security(args)
+        if "," in args.coordinator:  # replicas: talk to the one that leads
+            replicas = [a.strip() for a in args.coordinator.split(",") if a.strip()]
+            args.coordinator = leader_of(replicas, args.security)
         return func(args)
     except grpc.RpcError as err:
         print(_one_line(f"error: {err.code().name}: {err.details()}"), file=sys.stderr)

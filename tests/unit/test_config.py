@@ -99,3 +99,53 @@ def test_env_overrides_parse_nested_names() -> None:
 def test_failsafe_per_gpu_watts() -> None:
     cfg = AgentConfig.model_validate({"failsafe": {"power_limit_w": {"0": 300}}})
     assert cfg.failsafe.power_limit_w == {0: 300.0}
+
+
+def test_coordinator_replicas_from_flag_env_and_file(tmp_path: Path) -> None:
+    cfg = load_config(["--coordinator", "127.0.0.1:1, 127.0.0.1:2"], environ={})
+    assert cfg.coordinator.addresses == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert cfg.coordinator.effective_addresses == ("127.0.0.1:1", "127.0.0.1:2")
+    env = {"SHAPESHIFTER_NODEAGENT_COORDINATOR__ADDRESSES": "127.0.0.1:3,127.0.0.1:4"}
+    assert load_config([], environ=env).coordinator.effective_addresses == (
+        "127.0.0.1:3", "127.0.0.1:4")
+    path = tmp_path / "a.yaml"
+    path.write_text("version: 1\ncoordinator: {addresses: ['127.0.0.1:5', 'localhost:6']}\n")
+    assert load_config(["--config", str(path)], environ={}).coordinator.effective_addresses == (
+        "127.0.0.1:5", "localhost:6")
+    single = load_config(["--coordinator", "127.0.0.1:1"], environ={}).coordinator
+    assert (single.address, single.effective_addresses) == ("127.0.0.1:1", ("127.0.0.1:1",))
+    for standalone in ([], ["--coordinator", ""]):
+        assert load_config(standalone, environ={}).coordinator.effective_addresses == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            ["--coordinator", "127.0.0.1:1"],
+            {"SHAPESHIFTER_NODEAGENT_COORDINATOR__ADDRESSES": "127.0.0.1:1,127.0.0.1:2"},
+            "coordinator.address='127.0.0.1:1' and coordinator.addresses=",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1,coord:2"],
+            {},
+            "coordinator.addresses[1]='coord:2' is not a loopback address",
+        ),
+        (
+            [],
+            {"SHAPESHIFTER_NODEAGENT_COORDINATOR__ADDRESSES": "coord:1,127.0.0.1:2"},
+            "coordinator.addresses[0]='coord:1' is not a loopback address",
+        ),
+    ],
+)
+def test_bad_coordinator_replicas_name_the_field(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv, environ=env)
+    assert message in str(info.value)
+
+
+def test_same_address_in_both_fields_is_accepted() -> None:
+    tree = {"coordinator": {"address": "127.0.0.1:1", "addresses": ["127.0.0.1:1"]}}
+    assert AgentConfig.model_validate(tree).coordinator.effective_addresses == ("127.0.0.1:1",)
