@@ -206,8 +206,8 @@ def run(nodes: int, seconds: float, processes: int, status_every_s: float) -> di
         connected = _wait_connected(stub, nodes, CONNECT_TIMEOUT_S)
         time.sleep(WARMUP_S)
         coordinator = psutil.Process(proc.pid)
-        reporters_cpu0 = sum(_cpu_s(psutil.Process(c.pid)) for c in children)
-        cpu0, t0, s0 = _cpu_s(coordinator), time.monotonic(), stats(stub, reset=True)
+        reporters_cpu0 = sum(cpu_seconds(psutil.Process(c.pid)) for c in children)
+        cpu0, t0, s0 = cpu_seconds(coordinator), time.monotonic(), stats(stub, reset=True)
         rollup_ms = []
         while time.monotonic() - t0 < seconds:
             if status_every_s > 0:  # an operator's `shapectl watch`, a dashboard
@@ -215,8 +215,8 @@ def run(nodes: int, seconds: float, processes: int, status_every_s: float) -> di
                 stub.GetCluster(cpb.GetClusterRequest(), timeout=10)
                 rollup_ms.append((time.perf_counter() - start) * 1e3)
             time.sleep(status_every_s or 0.5)
-        s1, t1, cpu1 = stats(stub, reset=True), time.monotonic(), _cpu_s(coordinator)
-        reporters_cpu = sum(_cpu_s(psutil.Process(c.pid)) for c in children) - reporters_cpu0
+        s1, t1, cpu1 = stats(stub, reset=True), time.monotonic(), cpu_seconds(coordinator)
+        reporters_cpu = sum(cpu_seconds(psutil.Process(c.pid)) for c in children) - reporters_cpu0
     finally:
         for c in children:
             c.terminate()
@@ -258,7 +258,7 @@ def serving(stub: cpb_grpc.CoordinatorStub) -> bool:
     return True
 
 
-def _cpu_s(p: psutil.Process) -> float:
+def cpu_seconds(p: psutil.Process) -> float:
     t = p.cpu_times()
     return t.user + t.system
 

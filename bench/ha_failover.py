@@ -22,7 +22,10 @@ Figures:
   plans_doubled  action ids some node applied more than once (across both leaders)
   actions_lost   actions a leader answered OK that no node applied
 
-    python bench/ha_failover.py --nodes 200
+Before that (unless --scale-nodes 0), bench/leaves_fanin.py's figures for --scale-nodes light
+nodes across --leaves leaf coordinators under a parent, on a line starting `leaves:`.
+
+    python bench/ha_failover.py --nodes 200 --scale-nodes 10000 --leaves 4
 
 The last line is: failover_s=A reports_lost=B plans_doubled=C
 """
@@ -53,10 +56,12 @@ from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from coordinator.v1 import emergency_pb2 as epb
 from coordinator.v1 import emergency_pb2_grpc as epb_grpc
+from nodeagent.link import leader_hint
 from nodeagent.v1 import agent_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
+import leaves_fanin
 from coordinator_fanin import free_port, wait_for
 from emergency import GPUS, HOST_OTHER_W, topology
 from fault_soak import TICK_S, SoakNode
@@ -64,7 +69,6 @@ from fault_soak import TICK_S, SoakNode
 from tests.etcd_cluster import EtcdCluster, etcd_binary
 
 LEADER_TTL_S = 3
-LEADER_KEY = "shapeshifter-leader"
 
 
 class HaNode(SoakNode):
@@ -84,7 +88,7 @@ class HaNode(SoakNode):
                 self._session_address = self.target
                 await self._session(self.target, float("inf"), stop)
             except grpc.aio.AioRpcError as err:
-                self.target = _leader_hint(err) or self._next()
+                self.target = leader_hint(err) or self._next()
             except asyncio.InvalidStateError:
                 self.target = self._next()
             self.guard.link_up(False)
@@ -107,13 +111,6 @@ class HaNode(SoakNode):
                 node=self.report(), seq=seq, sent_at_unix_s=time.time())))
             self.sent[self._session_address] += 1
             await asyncio.sleep(1.0)
-
-
-def _leader_hint(err: grpc.aio.AioRpcError) -> str:
-    for key, value in err.trailing_metadata() or ():
-        if key == LEADER_KEY:
-            return str(value)
-    return ""
 
 
 def host_process(addresses: list[str], indices: list[int], nodes: int, stop: Any,
@@ -275,12 +272,18 @@ def _scenario(replicas: Replicas, nodes: int, stop: Any, results: Any,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nodes", type=int, default=200)
+    p.add_argument("--nodes", type=int, default=200, help="virtual nodes for the failover")
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--scale-nodes", type=int, default=10_000,
+                   help="light reporters across leaves, first (bench/leaves_fanin.py); 0 skips")
+    p.add_argument("--leaves", type=int, default=4)
     args = p.parse_args()
     if etcd_binary() is None:
         print("etcd is not installed (Debian: apt-get install etcd-server)", file=sys.stderr)
         return 1
+    if args.scale_nodes > 0:
+        scale = leaves_fanin.run(args.scale_nodes, args.leaves, 100, args.processes)
+        print("leaves: " + " ".join(f"{k}={v}" for k, v in scale.items()), flush=True)
     r = run(args.nodes, args.processes)
     print(" ".join(f"{k}={v}" for k, v in r.items()))
     print(f"failover_s={r['failover_s']} reports_lost={r['reports_lost']} "

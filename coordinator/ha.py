@@ -29,16 +29,15 @@ from typing import Any
 import grpc
 import structlog
 
-from coordinator.election import Election, FencedKV, LeaderInfo, Leadership
+from coordinator.election import Election, FencedKV, LeaderInfo, Leadership, NotLeader
 from coordinator.etcd import EtcdClient, EtcdError
 from coordinator.etcd_stores import EtcdEmergencyStore, EtcdPlanStore, EtcdStore
 from coordinator.state_stores import StateStores
 from nodeagent.errors import InvalidArgument, out_of_range
 from nodeagent.sdnotify import Notifier
-from nodeagent.transport import bind
+from nodeagent.transport import LEADER_METADATA_KEY, bind
 
 EXIT_LEADERSHIP_LOST = 3
-LEADER_METADATA_KEY = "shapeshifter-leader"
 LEADER_TTL_RANGE_S = (2, 60)
 
 
@@ -134,6 +133,9 @@ async def run_replica(args: argparse.Namespace, serve: Callable[..., Any], **ser
     keeper = asyncio.create_task(_keep(election, lead, deposed, log))
     try:
         await serve(args, stores=stores, stop=stop, **serve_kw)
+    except NotLeader as err:  # e.g. the final flush of a deposed leader: refused, as it must be
+        log.warning("write_refused_on_stop", error=str(err))
+        lost.set()
     finally:
         keeper.cancel()
     if lost.is_set():

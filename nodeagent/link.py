@@ -37,6 +37,7 @@ from nodeagent.emergency import EmergencyGuard
 from nodeagent.errors import DomainError, grpc_code
 from nodeagent.lease import LeaseKeeper
 from nodeagent.server import plan_from_pb, plan_outcome_to_pb
+from nodeagent.transport import LEADER_METADATA_KEY
 from nodeagent.v1 import agent_pb2
 
 
@@ -44,7 +45,6 @@ class PlanActuator(Protocol):
     def apply_plan(self, plan: act.Plan) -> act.PlanOutcome: ...
 
 
-LEADER_METADATA_KEY = "shapeshifter-leader"  # trailing metadata of a follower's refusal
 SILENCE_BEFORE_LEASE_MIN_S = 5.0
 
 

@@ -15,6 +15,10 @@ import grpc
 
 from nodeagent.errors import InvalidArgument
 
+# Trailing metadata of a coordinator follower's UNAVAILABLE refusal: HOST:PORT of the leader
+# (coordinator.ha); agents (nodeagent.link) and shapectl follow it.
+LEADER_METADATA_KEY = "shapeshifter-leader"
+
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
 

@@ -17,9 +17,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodeagent.errors import InvalidArgument
-from nodeagent.transport import TlsFiles, TlsMaterial, channel_credentials, read_tls
+from nodeagent.transport import (
+    LEADER_METADATA_KEY,
+    TlsFiles,
+    TlsMaterial,
+    channel_credentials,
+    read_tls,
+)
 
-LEADER_METADATA_KEY = "shapeshifter-leader"  # as coordinator.ha sends it
 ENV_FLAGS = (("tls_cert", "SHAPECTL_TLS_CERT"), ("tls_key", "SHAPECTL_TLS_KEY"),
              ("tls_ca", "SHAPECTL_TLS_CA"), ("token", "SHAPECTL_TOKEN"))
 
