@@ -40,6 +40,7 @@ from coordinator.v1 import emergency_pb2_grpc as epb_grpc
 from nodeagent.clock import SystemClock
 from nodeagent.emergency import EmergencyGuard
 from nodeagent.gpu.sim import SimulatedBackend
+from nodeagent.streams import write_forever as write_outbox
 from nodeagent.v1 import agent_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -160,12 +161,6 @@ class VirtualNode:
             outbox.put_nowait(cpb.AgentMessage(report=cpb.NodeReport(
                 node=self.report(), seq=seq, sent_at_unix_s=time.time())))
             await asyncio.sleep(REPORT_INTERVAL_S)
-
-
-async def write_outbox(call: grpc.aio.StreamStreamCall,
-                       outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
-    while True:
-        await call.write(await outbox.get())
 
 
 def host_process(address: str, indices: list[int], nodes: int, stop_at: float) -> None:

@@ -48,6 +48,7 @@ from coordinator.v1 import hierarchy_pb2 as hpb
 from coordinator.v1 import hierarchy_pb2_grpc
 from nodeagent import __version__, errors
 from nodeagent.clock import Clock
+from nodeagent.streams import run_session, write_forever
 
 SOURCE = "parent"  # the source of the emergencies a leaf declares for its parent
 # RowAck.action: what was done for the latest limits; idle steps do not overwrite a done one.
@@ -289,21 +290,8 @@ class LeafLink:
 
     async def _exchange(self, call: Any) -> None:
         self._outbox, self._sent_ack, self.connected = asyncio.Queue(), None, True
-        tasks = [asyncio.create_task(c) for c in (self._write(call, self._outbox),
-                                                  self._report(), self._read(call))]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                t.result()
-            raise LinkError("the parent link stopped")
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _write(self, call: Any, outbox: asyncio.Queue[hpb.LeafMessage]) -> None:
-        while True:  # the one writer: gRPC allows a single outstanding write per stream
-            await call.write(await outbox.get())
+        await run_session(write_forever(call, self._outbox), self._report(), self._read(call),
+                          stopped=LinkError("the parent link stopped"))
 
     async def _report(self) -> None:
         while True:

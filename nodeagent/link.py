@@ -37,6 +37,7 @@ from nodeagent.emergency import EmergencyGuard
 from nodeagent.errors import DomainError, grpc_code
 from nodeagent.lease import LeaseKeeper
 from nodeagent.server import plan_from_pb, plan_outcome_to_pb
+from nodeagent.streams import run_session, write_forever
 from nodeagent.transport import LEADER_METADATA_KEY
 from nodeagent.v1 import agent_pb2
 
@@ -359,28 +360,9 @@ class CoordinatorLink:
         """Run writer, reporter, reader and plan worker until one of them ends the session."""
         outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
         plans: asyncio.Queue[agent_pb2.Plan] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(c)
-            for c in (
-                self._write(call, outbox),
-                self._report(outbox),
-                self._read(call, plans, outbox),
-                self._run_plans(plans, outbox),
-            )
-        ]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                t.result()  # re-raise the failure that ended the session
-            raise LinkError("the link stopped")
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _write(self, call: Any, outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
-        while True:  # the one writer: gRPC allows a single outstanding write per stream
-            await call.write(await outbox.get())
+        await run_session(write_forever(call, outbox), self._report(outbox),
+                          self._read(call, plans, outbox), self._run_plans(plans, outbox),
+                          stopped=LinkError("the link stopped"))
 
     async def _report(self, outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
         while True:
