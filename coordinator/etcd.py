@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,14 +88,19 @@ def kvs_of(response: dict[str, Any]) -> list[KeyValue]:
 
 
 class EtcdClient:
-    def __init__(self, endpoints: Sequence[str], timeout_s: float = 2.0) -> None:
-        """endpoints: client URLs, e.g. ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]."""
+    def __init__(self, endpoints: Sequence[str], timeout_s: float = 2.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """endpoints: client URLs, e.g. ["https://10.0.0.1:2379", "https://10.0.0.2:2379"].
+        tls: for https members (the CA to trust and, for client-cert-auth, our certificate);
+        None: the system's CAs."""
         if not endpoints:
             raise ValueError("etcd endpoints: at least one URL is required")
         self._members = [urlsplit(e if "://" in e else f"http://{e}") for e in endpoints]
         for url in self._members:
-            if url.scheme != "http" or not url.hostname or not url.port:
-                raise ValueError(f"etcd endpoint {url.geturl()!r}: expected http://HOST:PORT")
+            if url.scheme not in ("http", "https") or not url.hostname or not url.port:
+                raise ValueError(f"etcd endpoint {url.geturl()!r}: expected http://HOST:PORT "
+                                 "or https://HOST:PORT")
+        self._tls = tls or ssl.create_default_context()
         self._timeout_s = timeout_s
         self._current = 0
         self._conns: dict[int, http.client.HTTPConnection] = {}
@@ -173,7 +179,11 @@ class EtcdClient:
         conn = self._conns.get(index)
         if conn is None:
             url = self._members[index]
-            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=self._timeout_s)
+            conn = (http.client.HTTPSConnection(url.hostname or "", url.port,
+                                                timeout=self._timeout_s, context=self._tls)
+                    if url.scheme == "https" else
+                    http.client.HTTPConnection(url.hostname or "", url.port,
+                                               timeout=self._timeout_s))
             self._conns[index] = conn
         conn.request("POST", path, payload, {"Content-Type": "application/json"})
         resp = conn.getresponse()

@@ -23,8 +23,10 @@ import asyncio
 import contextlib
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import structlog
@@ -35,7 +37,7 @@ from coordinator.etcd_stores import EtcdEmergencyStore, EtcdPlanStore, EtcdStore
 from coordinator.state_stores import StateStores
 from nodeagent.errors import InvalidArgument, out_of_range
 from nodeagent.sdnotify import Notifier
-from nodeagent.transport import LEADER_METADATA_KEY, bind
+from nodeagent.transport import LEADER_METADATA_KEY, bind, check_plaintext
 
 EXIT_LEADERSHIP_LOST = 3
 LEADER_TTL_RANGE_S = (2, 60)
@@ -55,6 +57,11 @@ def add_ha_args(p: argparse.ArgumentParser) -> None:
                    help="the address agents dial to reach this replica ('' = --listen)")
     p.add_argument("--leader-ttl-s", type=int, default=3, metavar="S",
                    help="leader lease TTL: a dead leader is replaced after about this long")
+    p.add_argument("--etcd-ca", default="", metavar="FILE",
+                   help="CA of the etcd members' certificates (https endpoints)")
+    p.add_argument("--etcd-cert", default="", metavar="FILE",
+                   help="client certificate for etcd's --client-cert-auth (with --etcd-key)")
+    p.add_argument("--etcd-key", default="", metavar="FILE", help="its private key")
 
 
 def check_ha_args(args: argparse.Namespace) -> None:
@@ -67,11 +74,15 @@ def check_ha_args(args: argparse.Namespace) -> None:
     endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
     if not endpoints:
         raise InvalidArgument("etcd_endpoints: --state etcd needs at least one etcd client URL "
-                              "(http://HOST:PORT)", field="etcd_endpoints")
+                              "(https://HOST:PORT)", field="etcd_endpoints")
+    args.etcd_tls = _etcd_tls(args)
     try:
-        EtcdClient(endpoints)
+        EtcdClient(endpoints, tls=args.etcd_tls)
     except ValueError as err:
         raise InvalidArgument(f"etcd_endpoints: {err}", field="etcd_endpoints") from None
+    for url in (urlsplit(e) for e in endpoints):
+        if url.scheme == "http":  # the state of the cluster's power safety: no plaintext off-host
+            check_plaintext(url.netloc, "etcd_endpoints", args.insecure, "--insecure")
     args.etcd_endpoints = endpoints
     args.advertise = args.advertise or args.listen
     host, _, port = args.advertise.rpartition(":")
@@ -79,6 +90,31 @@ def check_ha_args(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"advertise: {args.advertise!r} is not an address agents can dial; "
                               "give --advertise HOST:PORT", field="advertise")
     args.replica_id = args.replica_id or f"{socket.gethostname()}:{port}"
+
+
+def _etcd_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context for https members (None: the system's CAs, no client cert)."""
+    if bool(args.etcd_cert) != bool(args.etcd_key):
+        raise InvalidArgument("etcd_cert, etcd_key: give both --etcd-cert and --etcd-key, or "
+                              "neither", field="etcd_cert")
+    if not (args.etcd_ca or args.etcd_cert):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=args.etcd_ca or None)
+    except (OSError, ssl.SSLError) as err:
+        raise InvalidArgument(f"etcd_ca: cannot load {args.etcd_ca}: {err}",
+                              field="etcd_ca") from None
+    try:
+        if args.etcd_cert:
+            ctx.load_cert_chain(args.etcd_cert, args.etcd_key)
+    except (OSError, ssl.SSLError) as err:
+        raise InvalidArgument(f"etcd_cert: cannot load {args.etcd_cert} with {args.etcd_key}: "
+                              f"{err}", field="etcd_cert") from None
+    return ctx
+
+
+def _client(args: argparse.Namespace) -> EtcdClient:
+    return EtcdClient(args.etcd_endpoints, tls=args.etcd_tls)
 
 
 class _Follower:
@@ -111,8 +147,8 @@ async def run_replica(args: argparse.Namespace, serve: Callable[..., Any], **ser
     """Follow until elected, then lead until stopped (0) or deposed (EXIT_LEADERSHIP_LOST).
     serve: coordinator.daemon.serve, called with stores= and stop= added."""
     log = structlog.get_logger().bind(component="ha", replica=args.replica_id)
-    election = Election(EtcdClient(args.etcd_endpoints), args.etcd_prefix, args.replica_id,
-                        args.advertise, args.leader_ttl_s)
+    election = Election(_client(args), args.etcd_prefix, args.replica_id, args.advertise,
+                        args.leader_ttl_s)
     stop = asyncio.Event()  # SIGTERM/SIGINT, or leadership lost
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -126,9 +162,8 @@ async def run_replica(args: argparse.Namespace, serve: Callable[..., Any], **ser
         lost.set()
         stop.set()
 
-    # The keeper has its own etcd client: renewals never wait behind the stores' writes.
-    kv = FencedKV(EtcdClient(args.etcd_endpoints), args.etcd_prefix, election.key, lead.epoch,
-                  on_refused=deposed)
+    # The stores get a client of their own: the keeper's renewals never wait behind their writes.
+    kv = FencedKV(_client(args), args.etcd_prefix, election.key, lead.epoch, on_refused=deposed)
     stores = StateStores(EtcdStore(args.db, kv), EtcdEmergencyStore(kv), EtcdPlanStore(kv))
     keeper = asyncio.create_task(_keep(election, lead, deposed, log))
     try:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ class Member:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -48,8 +50,19 @@ class Member:
 
 @dataclass
 class EtcdCluster:
+    """tls_dir: scripts/dev-ca.sh output; the members then serve https with coordinator.pem and
+    require client certificates signed by ca.pem (etcd's --client-cert-auth)."""
+
     workdir: Path
+    tls_dir: Path | None = None
     members: list[Member] = field(default_factory=list)
+
+    def client_tls(self, cert: str = "coordinator") -> ssl.SSLContext | None:
+        if self.tls_dir is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
+        ctx.load_cert_chain(self.tls_dir / f"{cert}.pem", self.tls_dir / f"{cert}.key")
+        return ctx
 
     @property
     def endpoints(self) -> list[str]:
@@ -63,7 +76,8 @@ class EtcdCluster:
         for i in range(size):
             name = f"m{i}"
             self.members.append(Member(name, _free_port(), _free_port(), self.workdir / name,
-                                       self.workdir / f"{name}.log"))
+                                       self.workdir / f"{name}.log",
+                                       scheme="https" if self.tls_dir else "http"))
         for m in self.members:
             self._launch(binary, m, "new")
         self.wait_healthy(timeout_s)
@@ -79,11 +93,18 @@ class EtcdCluster:
                  "--initial-cluster", initial, "--initial-cluster-state", state,
                  "--initial-cluster-token", f"shapeshifter-test-{self.workdir.name}",
                  # Loopback: short heartbeats make elections (and these tests) quick.
-                 "--heartbeat-interval", "50", "--election-timeout", "500"],
+                 "--heartbeat-interval", "50", "--election-timeout", "500", *self._tls_flags()],
                 stdout=log, stderr=subprocess.STDOUT)
 
+    def _tls_flags(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        return ["--cert-file", str(self.tls_dir / "coordinator.pem"),
+                "--key-file", str(self.tls_dir / "coordinator.key"),
+                "--trusted-ca-file", str(self.tls_dir / "ca.pem"), "--client-cert-auth"]
+
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
-        client = EtcdClient(self.endpoints, timeout_s=1.0)
+        client = EtcdClient(self.endpoints, timeout_s=1.0, tls=self.client_tls())
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from coordinator.plan_store import PlanStore
 from nodeagent.v1 import agent_pb2
 from tests.etcd_cluster import EtcdCluster, etcd_binary
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
     etcd_binary() is None,
     reason="etcd is not installed (Debian: apt-get install etcd-server); etcd tests skipped")
@@ -168,3 +171,23 @@ def test_store_keeps_epoch_topology_and_leases_in_etcd(etcd: EtcdCluster, tmp_pa
     other = EtcdStore(tmp_path / "other.db", kv)
     assert other.latest_topology_text() == "version: 1\n"
     assert other.load_leases() == {"n1": lease}
+
+
+def test_tls_members_need_our_client_certificate(tmp_path: Path) -> None:
+    ca = tmp_path / "tls"
+    subprocess.run(["bash", str(REPO / "scripts" / "dev-ca.sh"), str(ca)], check=True,
+                   capture_output=True, timeout=120)
+    cluster = EtcdCluster(tmp_path / "etcd", tls_dir=ca).start(1)
+    try:
+        (url,) = cluster.endpoints
+        assert url.startswith("https://")
+        client = EtcdClient([url], tls=cluster.client_tls())
+        client.put("/tls/k", "v")
+        assert client.get("/tls/k").value == b"v"
+        no_cert = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+        with pytest.raises(EtcdUnavailable):  # --client-cert-auth: the handshake is refused
+            EtcdClient([url], timeout_s=2.0, tls=no_cert).get("/tls/k")
+        with pytest.raises(EtcdUnavailable):  # a CA we do not trust
+            EtcdClient([url], timeout_s=2.0).get("/tls/k")
+    finally:
+        cluster.stop()

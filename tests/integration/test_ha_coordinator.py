@@ -149,7 +149,14 @@ def test_bad_ha_flags_are_refused(ha: Ha, tmp_path: Path) -> None:
                           ("leader_ttl_s=1 s", "[2, 60] s")),
                          (["--etcd-endpoints", ha.etcd.endpoints[0], "--listen", "0.0.0.0:1",
                            "--insecure"],
-                          ("advertise", "--advertise"))):
+                          ("advertise", "--advertise")),
+                         (["--etcd-endpoints", "http://10.1.2.3:2379"],
+                          ("etcd_endpoints='10.1.2.3:2379' is not a loopback", "--insecure")),
+                         (["--etcd-endpoints", ha.etcd.endpoints[0], "--etcd-cert", "c.pem"],
+                          ("etcd_cert", "--etcd-key")),
+                         (["--etcd-endpoints", ha.etcd.endpoints[0], "--etcd-ca",
+                           str(tmp_path / "missing.pem")],
+                          ("etcd_ca: cannot load", "missing.pem"))):
         r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, r.stderr
         assert all(w in r.stderr for w in words), r.stderr
