@@ -24,9 +24,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 2
     console = Console(stderr=args.json)
     workdir = Path(tempfile.mkdtemp(prefix="shapeshifter-demo-"))
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, _interrupter(stop))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     cluster = start_cluster(workdir, args.nodes, args.gpu_type, args.gpus)
     console.print(f"demo: coordinator on {cluster.coordinator_addr}, {args.nodes} sim nodes; "
                   f"logs in {workdir}; Ctrl-C stops", soft_wrap=True)
@@ -182,14 +185,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ups = UpsScript(cluster.coordinator_addr, args.ups_failure_at, args.ups_restore_after)
     try:
         try:
-            final = show_live(console, cluster, args.nodes, args.for_s, ups)
+            final = show_live(console, cluster, args.nodes, args.for_s, ups, stop)
         except KeyboardInterrupt:
             console.print("demo: stopping")
         final = _try_status(cluster_status, cluster.coordinator_addr) or final
         ups.refresh()
     finally:
         cluster.stop()
-        signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
@@ -261,9 +265,10 @@ class UpsScript:
 
 
 def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | None,
-              ups: UpsScript) -> Any:
-    """The status view, refreshed until for_s after every node reported (for_s None: forever).
-    Returns the last status seen (None if the coordinator never answered)."""
+              ups: UpsScript, stop: threading.Event) -> Any:
+    """The status view, refreshed until for_s after every node reported (for_s None: forever)
+    or until stop is set (KeyboardInterrupt). Returns the last status seen (None if the
+    coordinator never answered)."""
     from shapectl.cluster_cmds import cluster_status, status_view
 
     last = None
@@ -271,6 +276,8 @@ def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | Non
     all_up_at = None
     with Live(Text("starting..."), console=console, auto_refresh=False) as live:
         while for_s is None or all_up_at is None or time.monotonic() - all_up_at < for_s:
+            if stop.is_set():  # also when the interrupt itself was swallowed inside a gRPC call
+                raise KeyboardInterrupt
             status = _try_status(cluster_status, cluster.coordinator_addr)
             if status is not None:
                 last = status
@@ -283,12 +290,17 @@ def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | Non
                 console.print(f"demo: not every node reported within {STARTUP_TIMEOUT_S:g} s; "
                               f"see the logs in {cluster.workdir}")
                 all_up_at = time.monotonic()
-            time.sleep(0.5)
+            stop.wait(0.5)
     return last
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+def _interrupter(stop: threading.Event) -> Callable[[int, object], None]:
+    """SIGINT/SIGTERM: remember it (show_live checks) and interrupt whatever runs now."""
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    return handler
 
 
 def _try_status(get: Any, address: str) -> Any:
