@@ -20,8 +20,7 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
 from coordinator import metrics
@@ -58,6 +57,7 @@ from coordinator.security import (
     interceptors,
     security_from_args,
 )
+from coordinator.servicer_util import add_health_and_reflection
 from coordinator.state_stores import StateStores, sqlite_stores
 from coordinator.topology import Topology, load_topology
 from coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -226,17 +226,11 @@ async def build_server(
     coordinator_pb2_grpc.add_AgentLinkServicer_to_server(link, server)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
         CoordinatorServicer(core, link, identify=identify), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [coordinator_pb2.DESCRIPTOR.services_by_name[s].full_name
              for s in ("AgentLink", "Coordinator")]
     for add in extra:
         names.extend(add(server))
-    for name in [*names, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME],
-                                        server)
-    return server, health_servicer
+    return server, await add_health_and_reflection(server, names)
 
 
 async def _watchdog_loop(notifier: Notifier) -> None:

@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from coordinator.core import CoordinatorCore
 from coordinator.emergency import EmergencyController
@@ -31,6 +28,7 @@ from coordinator.hierarchy_parent import LEAF_ID, ParentController
 from coordinator.hierarchy_server import add_hierarchy_services
 from coordinator.hierarchy_store import SiteLimitStore
 from coordinator.security import CoordinatorSecurity, caller, interceptors
+from coordinator.servicer_util import add_health_and_reflection
 from coordinator.store import Store
 from coordinator.topology import Topology
 from nodeagent.clock import Clock
@@ -143,7 +141,7 @@ async def serve_parent(args: argparse.Namespace, topology: Topology, clock: Cloc
     authorizer = security.authorizer()
     audit: Any = _AuditTarget(store, clock, epoch)  # duck-typed for security.audit_denial
     server = grpc.aio.server(interceptors=interceptors(authorizer, audit))
-    health_servicer = await _health_and_reflection(server, add_hierarchy_services(
+    health_servicer = await add_health_and_reflection(server, add_hierarchy_services(
         server, parent, caller(authorizer)))
     port = bind(server, args.listen, security.tls)
     if port == 0:
@@ -166,16 +164,4 @@ async def serve_parent(args: argparse.Namespace, topology: Topology, clock: Cloc
     limits.close()
     store.close()
     log.info("coordinator_stopped", epoch=epoch)
-
-
-async def _health_and_reflection(server: grpc.aio.Server,
-                                 names: Sequence[str]) -> health.aio.HealthServicer:
-    """As coordinator.daemon.build_server: every service SERVING, listed by reflection."""
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in [*names, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME],
-                                        server)
-    return health_servicer
 

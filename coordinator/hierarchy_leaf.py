@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from coordinator.core import CoordinatorCore
 from coordinator.emergency import EmergencyController, EmergencyView
@@ -48,24 +47,23 @@ from coordinator.v1 import hierarchy_pb2 as hpb
 from coordinator.v1 import hierarchy_pb2_grpc
 from nodeagent import __version__, errors
 from nodeagent.clock import Clock
-from nodeagent.streams import run_session, write_forever
+from nodeagent.streams import (
+    RETRIED,
+    LinkError,
+    Redial,
+    SessionEnded,
+    describe,
+    open_channel,
+    redial_forever,
+    run_session,
+    write_forever,
+)
 
 SOURCE = "parent"  # the source of the emergencies a leaf declares for its parent
 # RowAck.action: what was done for the latest limits; idle steps do not overwrite a done one.
 LABELS = {DECLARE: "declared", ADJUST: "updated", CLEAR: "cleared", KEEP: "kept"}
 IDLE_LABELS = frozenset({"kept", NONE, KEEP_LOCAL})
 OK_LABELS = IDLE_LABELS | {"declared", "updated", "cleared"}
-
-
-class LinkError(Exception):
-    """The stream failed before or during registration (retried with backoff)."""
-
-
-class SessionEnded(Exception):
-    """A registered session ended; reconnect with a fresh backoff."""
-
-
-_RETRIED = (grpc.aio.AioRpcError, LinkError, OSError)
 
 
 @dataclass(frozen=True)
@@ -247,32 +245,12 @@ class LeafLink:
                 self._log.exception("leaf_reconcile_failed")
 
     async def _connect_forever(self) -> None:
-        while True:
-            try:
-                initial_s = self._s.reconnect_initial_s
-                retrying = AsyncRetrying(
-                    wait=wait_exponential(multiplier=initial_s, max=self._s.reconnect_max_s)
-                    + wait_random(0, initial_s),
-                    retry=retry_if_exception_type(_RETRIED), before_sleep=self._log_retry)
-                async for attempt in retrying:
-                    with attempt:
-                        await self._session()
-            except SessionEnded as ended:
-                self._log.warning("parent_link_lost", reason=str(ended))
-
-    def _log_retry(self, state: Any) -> None:
-        err = state.outcome.exception() if state.outcome else None
-        self._log.warning("parent_unreachable", attempt=state.attempt_number,
-                          wait_s=round(state.next_action.sleep, 2) if state.next_action else None,
-                          error=_describe(err))
-
-    def _channel(self) -> grpc.aio.Channel:
-        if self._s.credentials is None:
-            return grpc.aio.insecure_channel(self._s.parent)
-        return grpc.aio.secure_channel(self._s.parent, self._s.credentials)
+        redial = Redial(self._s.reconnect_initial_s, self._s.reconnect_max_s,
+                        "parent_unreachable", "parent_link_lost")
+        await redial_forever(self._session, redial, self._log)
 
     async def _session(self) -> None:
-        async with self._channel() as channel:
+        async with open_channel(self._s.parent, self._s.credentials) as channel:
             call = hierarchy_pb2_grpc.ParentLinkStub(channel).Connect()
             await call.write(hpb.LeafMessage(register=hpb.LeafRegister(
                 leaf_id=self._s.leaf_id, rows=self._enforcer.rows(),
@@ -283,8 +261,8 @@ class LeafLink:
             self._log.info("parent_registered", warnings=first.registered.message)
             try:
                 await self._exchange(call)
-            except _RETRIED as err:
-                raise SessionEnded(_describe(err)) from err
+            except RETRIED as err:
+                raise SessionEnded(describe(err)) from err
             finally:
                 self.connected, self._outbox = False, None
 
@@ -330,8 +308,3 @@ def start_leaf(settings: LeafSettings, core: CoordinatorCore,
     enforcer = LeafEnforcer(core, emergencies, f"parent {settings.parent}")
     return asyncio.create_task(LeafLink(settings, enforcer, clock).run())
 
-
-def _describe(err: BaseException | None) -> str:
-    if isinstance(err, grpc.aio.AioRpcError):
-        return f"{err.code().name}: {err.details()}"
-    return str(err) if err else ""

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc
@@ -37,7 +36,17 @@ from nodeagent.emergency import EmergencyGuard
 from nodeagent.errors import DomainError, grpc_code
 from nodeagent.lease import LeaseKeeper
 from nodeagent.server import plan_from_pb, plan_outcome_to_pb
-from nodeagent.streams import run_session, write_forever
+from nodeagent.streams import (
+    RETRIED,
+    LinkError,
+    Redial,
+    SessionEnded,
+    describe,
+    open_channel,
+    redial_forever,
+    run_session,
+    write_forever,
+)
 from nodeagent.transport import LEADER_METADATA_KEY
 from nodeagent.v1 import agent_pb2
 
@@ -49,21 +58,12 @@ class PlanActuator(Protocol):
 SILENCE_BEFORE_LEASE_MIN_S = 5.0
 
 
-class LinkError(Exception):
-    """The stream failed before or during registration (retried with backoff)."""
-
-
 class StatusLost(LinkError):
     """The coordinator ended the call before Register was written, and grpc.aio replaced its
     status (a follower's refusal, with the leader hint) by INTERNAL "Internal error from Core"
     (grpc/grpc#36066). Not an answer: the address is redialled at once."""
 
 
-class SessionEnded(Exception):
-    """A registered session ended; reconnect with a fresh backoff."""
-
-
-_RETRIED = (grpc.aio.AioRpcError, LinkError, OSError)
 _LOST_STATUS_DETAILS = "Internal error from Core"  # grpc.aio's stand-in for a lost status
 _LOST_STATUS_REDIALS = 2  # per dial
 
@@ -195,24 +195,9 @@ class CoordinatorLink:
             await asyncio.sleep(self._s.lease_tick_s)
 
     async def _connect_forever(self) -> None:
-        while True:
-            try:
-                # Exponential up to reconnect_max_s, plus up to one initial step of jitter so
-                # that agents cut off together do not redial in lockstep.
-                initial_s = self._s.reconnect_initial_s
-                retrying = AsyncRetrying(
-                    wait=wait_exponential(multiplier=initial_s, max=self._s.reconnect_max_s)
-                    + wait_random(0, initial_s),
-                    retry=retry_if_exception_type(_RETRIED),
-                    before_sleep=self._log_retry,
-                )
-                async for attempt in retrying:
-                    with attempt:
-                        await self._cycle()
-            except SessionEnded as ended:
-                self._log.warning(
-                    "coordinator link lost; reconnecting", address=self.address, reason=str(ended)
-                )
+        redial = Redial(self._s.reconnect_initial_s, self._s.reconnect_max_s,
+                        "coordinator unreachable; retrying", "coordinator link lost; reconnecting")
+        await redial_forever(self._cycle, redial, self._log, lambda: {"address": self.address})
 
     async def _cycle(self) -> None:
         """Dial each address once (a leader hint first, when there is one) until one registers
@@ -225,8 +210,8 @@ class CoordinatorLink:
             tried.add(address)
             try:
                 await self._dial(address)
-            except _RETRIED as err:
-                failures.append(f"{address}: {_describe(err)}")
+            except RETRIED as err:
+                failures.append(f"{address}: {describe(err)}")
                 self._follow_leader(err, address)
         raise LinkError("; ".join(failures))
 
@@ -267,26 +252,17 @@ class CoordinatorLink:
         self._log.info("coordinator is not the leader; following", address=address, leader=hint)
         self._leader_hint = hint
 
-    def _log_retry(self, state: Any) -> None:
-        err = state.outcome.exception() if state.outcome else None
-        self._log.warning(
-            "coordinator unreachable; retrying",
-            attempt=state.attempt_number,
-            wait_s=round(state.next_action.sleep, 2) if state.next_action else None,
-            error=_describe(err),
-        )
-
     async def _session(self, address: str) -> None:
         self._silence_limit_s = self._s.silence_before_lease_s  # until this session's first lease
-        async with self._channel(address) as channel:
+        async with open_channel(address, self._s.credentials) as channel:
             call = coordinator_pb2_grpc.AgentLinkStub(channel).Connect()
             first = await self._register_on(call)
             self._on_registered(first.registered, address)
             try:
                 await self._exchange(call)
-            except _RETRIED as err:
+            except RETRIED as err:
                 self._follow_leader(err, address)  # a leader that stepped down may name the next
-                raise SessionEnded(_describe(err)) from err
+                raise SessionEnded(describe(err)) from err
             finally:
                 self.connected = False
                 if self._emergency is not None:
@@ -320,11 +296,6 @@ class CoordinatorLink:
                     "the coordinator ended the call before Register was sent; status lost"
                 ) from err
             raise
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if self._s.credentials is None:
-            return grpc.aio.insecure_channel(address)
-        return grpc.aio.secure_channel(address, self._s.credentials)
 
     def _register(self) -> cpb.Register:
         node = self._snapshot()
@@ -436,8 +407,3 @@ def leader_hint(err: BaseException) -> str | None:
             return text.strip() or None
     return None
 
-
-def _describe(err: BaseException | None) -> str:
-    if isinstance(err, grpc.aio.AioRpcError):
-        return f"{err.code().name}: {err.details()}"
-    return str(err) if err else ""
