@@ -113,10 +113,13 @@ class FencedKV:
         kv = self.client.get(self.prefix + key)
         return kv.value.decode() if kv else None
 
-    def get_prefix(self, sub: str) -> list[tuple[str, str]]:
-        """(key relative to this store's prefix, value) under prefix+sub, sorted by key."""
+    def get_prefix(self, sub: str, limit: int = 0,
+                   descending: bool = False) -> list[tuple[str, str]]:
+        """(key relative to this store's prefix, value) under prefix+sub, sorted by key (the
+        first `limit`; 0: all)."""
         n = len(self.prefix)
-        return [(kv.key[n:], kv.value.decode()) for kv in self.client.get_prefix(self.prefix + sub)]
+        return [(kv.key[n:], kv.value.decode())
+                for kv in self.client.get_prefix(self.prefix + sub, limit, descending)]
 
     def _fenced(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok, _, responses = self.client.txn([self._fence], ops, [range_op(self._leader_key)])

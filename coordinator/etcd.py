@@ -135,10 +135,11 @@ class EtcdClient:
         kvs = kvs_of(self.call("/v3/kv/range", {"key": _b64(key)}))
         return kvs[0] if kvs else None
 
-    def get_prefix(self, prefix: str) -> list[KeyValue]:
-        """Every key under prefix, sorted by key."""
+    def get_prefix(self, prefix: str, limit: int = 0, descending: bool = False) -> list[KeyValue]:
+        """The keys under prefix, sorted by key (the first `limit` of them; 0: all)."""
         body = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
-                "sort_order": "ASCEND", "sort_target": "KEY"}
+                "sort_order": "DESCEND" if descending else "ASCEND", "sort_target": "KEY",
+                "limit": str(limit)}
         return kvs_of(self.call("/v3/kv/range", body))
 
     def put(self, key: str, value: str | bytes, lease_id: int = 0) -> int:

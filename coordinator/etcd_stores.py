@@ -125,33 +125,33 @@ class EtcdPlanStore:
     def load_endpoints(self) -> list[dict[str, Any]]:
         return [json.loads(v) for _, v in self._kv.get_prefix("endpoints/")]
 
+    # Plans are keyed by creation time, so that the latest few are one bounded range read (the
+    # history only grows); plan-keys/<id> finds a plan's key by its id.
+
     def save_plan(self, plan_id: str, created_at_unix_s: float, state: str,
                   doc: dict[str, Any]) -> None:
-        self._kv.put(f"plans/{plan_id}", json.dumps(
-            {"created_at_unix_s": created_at_unix_s, "state": state, "doc": doc}, sort_keys=True))
+        key = f"plans/{created_at_unix_s:020.6f}-{plan_id}"
+        self._kv.put_many([(key, json.dumps({"state": state, "doc": doc}, sort_keys=True)),
+                           (f"plan-keys/{plan_id}", key)])
 
     def load_plan(self, plan_id: str) -> dict[str, Any] | None:
-        value = self._kv.get(f"plans/{plan_id}")
+        key = self._kv.get(f"plan-keys/{plan_id}")
+        value = self._kv.get(key) if key else None
         return json.loads(value)["doc"] if value else None
 
     def latest_plans(self, limit: int) -> list[dict[str, Any]]:
-        rows = self._rows()
-        rows.sort(key=lambda r: r["created_at_unix_s"], reverse=True)
-        return [r["doc"] for r in rows[:limit]]
+        return [json.loads(v)["doc"]
+                for _, v in self._kv.get_prefix("plans/", limit, descending=True)]
 
     def plans_in_state(self, state: str) -> list[dict[str, Any]]:
-        rows = sorted((r for r in self._rows() if r["state"] == state),
-                      key=lambda r: r["created_at_unix_s"])
-        return [r["doc"] for r in rows]
+        rows = (json.loads(v) for _, v in self._kv.get_prefix("plans/"))
+        return [r["doc"] for r in rows if r["state"] == state]
 
     def get_setting(self, key: str) -> str | None:
         return self._kv.get(f"settings/{key}")
 
     def set_setting(self, key: str, value: str) -> None:
         self._kv.put(f"settings/{key}", value)
-
-    def _rows(self) -> list[dict[str, Any]]:
-        return [json.loads(v) for _, v in self._kv.get_prefix("plans/")]
 
 
 def _b64(raw: bytes) -> str:
