@@ -56,7 +56,7 @@ from coordinator.v1 import coordinator_pb2 as cpb
 from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from coordinator.v1 import emergency_pb2 as epb
 from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.link import leader_hint
+from nodeagent.transport import leader_hint
 from nodeagent.v1 import agent_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))

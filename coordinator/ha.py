@@ -37,7 +37,7 @@ from coordinator.etcd_stores import EtcdEmergencyStore, EtcdPlanStore, EtcdStore
 from coordinator.state_stores import StateStores
 from nodeagent.errors import InvalidArgument, out_of_range
 from nodeagent.sdnotify import Notifier
-from nodeagent.transport import LEADER_METADATA_KEY, bind, check_plaintext
+from nodeagent.transport import LEADER_METADATA_KEY, bind, check_plaintext, split_addresses
 
 EXIT_LEADERSHIP_LOST = 3
 LEADER_TTL_RANGE_S = (2, 60)
@@ -71,7 +71,7 @@ def check_ha_args(args: argparse.Namespace) -> None:
     low, high = LEADER_TTL_RANGE_S
     if not low <= args.leader_ttl_s <= high:
         raise out_of_range("leader_ttl_s", args.leader_ttl_s, low, high, "s")
-    endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
+    endpoints = split_addresses(args.etcd_endpoints)
     if not endpoints:
         raise InvalidArgument("etcd_endpoints: --state etcd needs at least one etcd client URL "
                               "(https://HOST:PORT)", field="etcd_endpoints")

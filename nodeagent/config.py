@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from nodeagent.errors import InvalidArgument
-from nodeagent.transport import check_plaintext
+from nodeagent.transport import check_plaintext, split_addresses
 
 ENV_PREFIX = "SHAPESHIFTER_NODEAGENT_"
 GPU_TYPES = ("a100-40gb", "a100-80gb", "h100-80gb")
@@ -112,11 +112,6 @@ class ThermalGuardConfig(_Section):
     hysteresis_c: Annotated[float, _ranged(0.5, 30, "°C")] = 3.0  # lift only this much cooler
     step_frac: Annotated[float, _ranged(0.01, 0.5)] = 0.05  # of the max limit per step
     cooldown_s: Annotated[float, _ranged(0, 600, "s")] = 5.0  # between steps on one GPU
-
-
-def split_addresses(value: str) -> list[str]:
-    """'a:1, b:2' -> ['a:1', 'b:2']; '' -> [] (blank items are dropped)."""
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _split_if_text(value: Any) -> Any:

@@ -47,7 +47,7 @@ from nodeagent.streams import (
     run_session,
     write_forever,
 )
-from nodeagent.transport import LEADER_METADATA_KEY
+from nodeagent.transport import leader_hint
 from nodeagent.v1 import agent_pb2
 
 
@@ -395,15 +395,4 @@ class CoordinatorLink:
                 completed=result.completed,
             )
             outbox.put_nowait(cpb.AgentMessage(plan_result=result))
-
-
-def leader_hint(err: BaseException) -> str | None:
-    """HOST:PORT of the leader from a follower's UNAVAILABLE refusal; None when not named."""
-    if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    for key, value in err.trailing_metadata() or ():
-        if key == LEADER_METADATA_KEY:
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            return text.strip() or None
-    return None
 

@@ -19,6 +19,23 @@ from nodeagent.errors import InvalidArgument
 # (coordinator.ha); agents (nodeagent.link) and shapectl follow it.
 LEADER_METADATA_KEY = "shapeshifter-leader"
 
+
+def leader_hint(err: BaseException) -> str | None:
+    """HOST:PORT of the leader from a follower's UNAVAILABLE refusal (a sync or an aio call's
+    error); None when not named."""
+    if not isinstance(err, grpc.RpcError) or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == LEADER_METADATA_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return text.strip() or None
+    return None
+
+
+def split_addresses(value: str) -> list[str]:
+    """'a:1, b:2' -> ['a:1', 'b:2']; '' -> [] (blank items are dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
 

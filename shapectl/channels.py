@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodeagent.errors import InvalidArgument
 from nodeagent.transport import (
-    LEADER_METADATA_KEY,
     TlsFiles,
     TlsMaterial,
     channel_credentials,
+    leader_hint,
     read_tls,
 )
 
@@ -112,7 +112,7 @@ def leader_of(addresses: list[str], security: ClientSecurity | None,
                                                           timeout=timeout_s)
                 return address
             except grpc.RpcError as err:
-                hint = dict(err.trailing_metadata() or ()).get(LEADER_METADATA_KEY, "")
+                hint = leader_hint(err)
                 if hint in addresses:
                     return hint
     return addresses[0]

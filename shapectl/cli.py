@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from nodeagent.transport import split_addresses
 from shapectl import (
     agent_cmds,
     classify_cmds,
@@ -53,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.security = client_security(args)
         if "," in args.coordinator:  # replicas: talk to the one that leads
-            replicas = [a.strip() for a in args.coordinator.split(",") if a.strip()]
-            args.coordinator = leader_of(replicas, args.security)
+            args.coordinator = leader_of(split_addresses(args.coordinator), args.security)
         return func(args)
     except grpc.RpcError as err:
         print(_one_line(f"error: {err.code().name}: {err.details()}"), file=sys.stderr)

@@ -21,7 +21,8 @@ from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
 from nodeagent import actuation as act
 from nodeagent.clock import SystemClock
 from nodeagent.lease import LeaseKeeper
-from nodeagent.link import LEADER_METADATA_KEY, CoordinatorLink, LinkSettings, leader_hint
+from nodeagent.link import CoordinatorLink, LinkSettings
+from nodeagent.transport import LEADER_METADATA_KEY, leader_hint
 from nodeagent.v1 import agent_pb2 as pb
 from shapectl.demo import free_port
 from tests.conftest import poll
