@@ -72,21 +72,20 @@ LEADER_TTL_S = 3
 
 
 class HaNode(SoakNode):
-    """A soak node given every replica address; it follows the leader."""
+    """A soak node given every replica address; it follows the leader until stop is set."""
 
-    def __init__(self, index: int, nodes: int, addresses: list[str]) -> None:
+    def __init__(self, index: int, nodes: int, addresses: list[str], stop: Any) -> None:
         super().__init__(index, nodes)
         self.addresses = addresses
-        self.target = addresses[index % len(addresses)]
+        self.target = addresses[index % len(addresses)]  # the replica of the current session
         self.sent: Counter[str] = Counter()  # reports written per replica address
-        self._session_address = ""
+        self._stop = stop
 
-    async def follow(self, stop: Any, rng: random.Random) -> None:
+    async def follow(self, rng: random.Random) -> None:
         await asyncio.sleep(rng.uniform(0, 2))
-        while not stop.is_set():
+        while not self._stop.is_set():
             try:
-                self._session_address = self.target
-                await self._session(self.target, float("inf"), stop)
+                await self._session(self.target, float("inf"))
             except grpc.aio.AioRpcError as err:
                 self.target = leader_hint(err) or self._next()
             except asyncio.InvalidStateError:
@@ -97,10 +96,9 @@ class HaNode(SoakNode):
     def _next(self) -> str:
         return self.addresses[(self.addresses.index(self.target) + 1) % len(self.addresses)]
 
-    async def _session(self, address: str, stop_at: float, stop: Any = None) -> None:
-        self._stop = stop
+    async def _session(self, address: str, stop_at: float) -> None:
         await super()._session(address, stop_at)
-        if stop is not None and not stop.is_set():
+        if not self._stop.is_set():
             raise asyncio.InvalidStateError("the stream ended")
 
     async def _report(self, outbox: asyncio.Queue[cpb.AgentMessage], stop_at: float) -> None:
@@ -109,7 +107,7 @@ class HaNode(SoakNode):
             seq += 1
             outbox.put_nowait(cpb.AgentMessage(report=cpb.NodeReport(
                 node=self.report(), seq=seq, sent_at_unix_s=time.time())))
-            self.sent[self._session_address] += 1
+            self.sent[self.target] += 1
             await asyncio.sleep(1.0)
 
 
@@ -124,8 +122,8 @@ def host_process(addresses: list[str], indices: list[int], nodes: int, stop: Any
                 v.check(time.monotonic(), stalled=False)
 
     async def main() -> list[HaNode]:
-        vnodes = [HaNode(i, nodes, addresses) for i in indices]
-        await asyncio.gather(ticker(vnodes), *(v.follow(stop, random.Random(i))
+        vnodes = [HaNode(i, nodes, addresses, stop) for i in indices]
+        await asyncio.gather(ticker(vnodes), *(v.follow(random.Random(i))
                                                for i, v in zip(indices, vnodes, strict=True)))
         return vnodes
 
