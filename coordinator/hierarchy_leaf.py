@@ -268,8 +268,8 @@ class LeafLink:
 
     async def _exchange(self, call: Any) -> None:
         self._outbox, self._sent_ack, self.connected = asyncio.Queue(), None, True
-        await run_session(write_forever(call, self._outbox), self._report(), self._read(call),
-                          stopped=LinkError("the parent link stopped"))
+        await run_session(call, write_forever(call, self._outbox), self._report(),
+                          self._read(call), stopped=LinkError("the parent link stopped"))
 
     async def _report(self) -> None:
         while True:

@@ -331,7 +331,7 @@ class CoordinatorLink:
         """Run writer, reporter, reader and plan worker until one of them ends the session."""
         outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
         plans: asyncio.Queue[agent_pb2.Plan] = asyncio.Queue()
-        await run_session(write_forever(call, outbox), self._report(outbox),
+        await run_session(call, write_forever(call, outbox), self._report(outbox),
                           self._read(call, plans, outbox), self._run_plans(plans, outbox),
                           stopped=LinkError("the link stopped"))
 

@@ -72,9 +72,12 @@ def describe(err: BaseException | None) -> str:
     return str(err) if err else ""
 
 
-async def run_session(*coros: Coroutine[Any, Any, Any], stopped: Exception) -> NoReturn:
-    """Run the session's coroutines until one ends: re-raise its failure, or raise `stopped`
-    when it ended without one. The others are cancelled and awaited."""
+async def run_session(call: Any, *coros: Coroutine[Any, Any, Any],
+                      stopped: Exception) -> NoReturn:
+    """Run the session's coroutines on call until one ends: re-raise its failure, or raise
+    `stopped` when it ended without one. Then the call is cancelled first, so that no read or
+    write the others wait in can outlive it (grpc.aio does not always end those when the peer is
+    gone, grpc/grpc#32005), and the others are cancelled and awaited."""
     tasks = [asyncio.create_task(c) for c in coros]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -82,6 +85,7 @@ async def run_session(*coros: Coroutine[Any, Any, Any], stopped: Exception) -> N
             t.result()  # re-raise the failure that ended the session
         raise stopped
     finally:
+        call.cancel()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
