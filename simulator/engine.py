@@ -22,6 +22,7 @@ from simulator import shapes
 from simulator.cluster import Cluster, build_cluster
 from simulator.gpus import GpuArrays, operating_clock_mhz
 from simulator.metrics import Metrics
+from simulator.observe import Observer
 from simulator.policies import (
     MIN_MOVES_PER_ROUND,
     MOVES_PER_ROUND_FRAC,
@@ -40,6 +41,7 @@ EWMA_TAU_S = 300.0  # demand smoothing for the rebalancer
 RECENT_WINDOW_S = 60.0
 RELEASE_FRAC = 0.95  # caps are lifted once the uncapped draw stays below this share of the limit
 FP8_POWER = 0.9  # derived profile rule 'quantization none->fp8' (power x0.9)
+PROFILE_POINTS = 48  # placement's predicted power profiles: points per opaque period
 FAN_GRID = 1001  # server fan power/airflow tabulated from ServerModel on this many load points
 
 
@@ -77,7 +79,11 @@ class Engine:
         self.workload = self._workload()
         self._layout(layout_rng)
         self.fleet = Fleet.empty(c.n_gpus)
-        self.pool = RequestPool(c.n_gpus, self.workload.service)
+        # The profile may overstate what the engines really serve (workload.capacity_error_frac):
+        # the policies size with the profile, the pool serves at the true speed.
+        self.pool = RequestPool(c.n_gpus, self.workload.service.slowed(
+            1.0 + s.workload.capacity_error_frac))
+        self.observer = Observer(self.n_endpoints, s.cadence.route_s, s.workload.slo_s)
         self.fan_w, self.airflow_cfm = _server_tables(c)
         self.scopes = _scopes(c, self.gpu_server)
         self.row_limit_w = c.row_limit_w.copy()
@@ -113,7 +119,8 @@ class Engine:
                         instance_rps=1.0 / total_s, decode_share=decode_s / total_s,
                         clock_candidates_mhz=(*clocks, c.gpu.sm_max_clock_mhz), service=params,
                         model=model, slo_s=s.workload.slo_s,
-                        class_mix=class_mix(mean_p, mean_g), profiles=tuple(rows))
+                        class_mix=class_mix(mean_p, mean_g), profiles=tuple(rows),
+                        count_lead_s=s.cadence.instance_start_s + s.cadence.rebalance_s)
 
     @property
     def n_endpoints(self) -> int:
@@ -130,13 +137,13 @@ class Engine:
         op_servers = _split(c.n_servers - n_saas, np.ones(tenants))
         role_counts = [(e, int(n)) for e, n in enumerate(ep_servers) if n > 0]
         role_counts += [(-1 - t, int(n)) for t, n in enumerate(op_servers) if n > 0]
-        roles = self.policy.roles(self._placement_inputs(), role_counts,
+        phases = shapes.tenant_phases(tenants, rng)  # placement reads no random numbers
+        roles = self.policy.roles(self._placement_inputs(role_counts, phases), role_counts,
                                   self._peak_gpu_w(role_counts))
         gpu_role = roles[self.gpu_server]
         self.opaque = gpu_role < 0
         self.home = np.where(gpu_role >= 0, gpu_role, -1)
         self.static_count = np.bincount(self.home[self.home >= 0], minlength=n_ep)
-        phases = shapes.tenant_phases(tenants, rng)
         self.opaque_phase = np.where(self.opaque, phases[np.maximum(-1 - gpu_role, 0)], 0.0)
         self.opaque_jitter = shapes.gpu_jitter(c.n_gpus, rng, s.opaque.gpu_jitter)
         # Each endpoint's peak demand = peak_load_frac x its static fleet's profiled capacity.
@@ -144,7 +151,8 @@ class Engine:
         self.demand_scale = peak_rps / self.trace.peak_rate_rps
         self.demand_offset_s = np.arange(n_ep) * s.workload.endpoint_phase_s
 
-    def _placement_inputs(self) -> PlacementInputs:
+    def _placement_inputs(self, role_counts: list[tuple[int, int]], phases: np.ndarray
+                          ) -> PlacementInputs:
         c = self.cluster
         limits = Limits(row_power_limit_w={f"row{r}": float(v)
                                            for r, v in enumerate(c.row_limit_w)},
@@ -152,7 +160,30 @@ class Engine:
                                            for a, v in enumerate(c.aisle_limit_cfm)})
         return PlacementInputs(c.n_servers, c.gpus_per_server, c.spec.gpu_type, c.server_row,
                                c.server_aisle, c.inlet_base_c, c.gpu.idle_power_w,
-                               c.gpu.thermal_c_per_w, limits)
+                               c.gpu.thermal_c_per_w, limits,
+                               self._role_profiles_w(role_counts, phases),
+                               float(c.server.idle_power_w(c.gpus_per_server)))
+
+    def _role_profiles_w(self, role_counts: list[tuple[int, int]], phases: np.ndarray
+                         ) -> dict[int, np.ndarray]:
+        """Predicted draw per GPU of each role over one opaque period (TAPAS Place: a VM's
+        power profile from its history; the shapes are periodic, so one past period is it):
+        an opaque tenant's at its phase, an endpoint's flat at the busy decode draw."""
+        s, m = self.scenario, self.cluster.gpu
+        t = np.linspace(0.0, s.opaque.period_s, PROFILE_POINTS, endpoint=False)
+        def power(act: np.ndarray) -> np.ndarray:
+            return np.asarray(physics.power_w(act, m.sm_max_clock_mhz, m.sm_max_clock_mhz,
+                                              m.idle_power_w, m.dynamic_power_max_w))
+        out = {}
+        for role, _ in role_counts:
+            if role < 0:
+                act = np.array([shapes.opaque_activity(s.opaque, float(x),
+                                                       np.array([phases[-1 - role]]),
+                                                       np.zeros(1))[0] for x in t])
+            else:
+                act = np.full(PROFILE_POINTS, physics.OASIS_DECODE_ACTIVITY)
+            out[role] = power(act)
+        return out
 
     def _peak_gpu_w(self, role_counts: list[tuple[int, int]]) -> dict[int, float]:
         """Predicted peak draw per GPU of each role: opaque at the shape's highest activity, an
@@ -188,7 +219,7 @@ class Engine:
                 self._apply_plan(self.policy.plan(self._view(t), self.static_count), t)
             self._transitions(t)
             if k % every["route"] == 0:
-                self.weights = self.policy.route(self._view(t))
+                self._route_tick(t, k)
             self._arrivals(t)
             self._serve_and_heat(t)
             if k % every["report"] == 0:
@@ -199,6 +230,28 @@ class Engine:
         self.metrics.finish(self)
         return self.metrics
 
+    def _route_tick(self, t_s: float, k: int) -> None:
+        """Routing interval: close the observation, route, lock clocks; scale out at once when
+        the policy sees queues building (between rebalance intervals)."""
+        if k > 0:
+            waiting, running = self.pool.waiting_running_per_gpu()
+            obs = self.observer.close(waiting, running, self.pool.params.max_concurrency)
+            self.policy.observe(self._view(t_s), obs)
+            if self.policy.scale_out(self._view(t_s)):
+                self._apply_plan(self.policy.plan(self._view(t_s), self.static_count,
+                                                  grow_only=True), t_s)
+        view = self._view(t_s)
+        self.weights = self.policy.route(view)
+        clocks = self.policy.clocks(view)
+        if clocks is not None:
+            self._set_clocks(clocks)
+
+    def _set_clocks(self, clocks: np.ndarray) -> None:
+        old = self.gpus.locked_max_mhz
+        changed = ~((np.isnan(old) & np.isnan(clocks)) | (old == clocks))
+        self.metrics.clock_changes += int(changed.sum())
+        self.gpus.locked_max_mhz = clocks.copy()
+
     def _view(self, t_s: float) -> View:
         return View(t_s=t_s, cluster=self.cluster, workload=self.workload, fleet=self.fleet,
                     opaque=self.opaque, gpu_row=self.gpu_row, gpu_aisle=self.gpu_aisle,
@@ -207,7 +260,8 @@ class Engine:
                     in_flight=self.pool.in_flight_per_gpu(), row_power_w=self.row_power_w,
                     row_limit_w=self.row_limit_w, aisle_limit_cfm=self.aisle_limit_cfm,
                     server_power_w=self.server_power_w, server_cfm=self.server_cfm,
-                    server_inlet_c=self.server_inlet_c, demand_rps=self._demand_rps(t_s))
+                    server_inlet_c=self.server_inlet_c, demand_rps=self._demand_rps(t_s),
+                    locked_mhz=self.gpus.locked_max_mhz)
 
     def _demand_rps(self, t_s: float) -> np.ndarray:
         if t_s <= 0:
@@ -233,7 +287,8 @@ class Engine:
             self._apply_actions(plan, t_s, initial)
         else:
             self._apply_counts(plan, t_s, initial)
-        self._lock_clocks(plan, initial)
+        if plan.clock_mhz is not None:  # None: the clock controller locks them per interval
+            self._lock_clocks(plan, initial)
 
     def _apply_actions(self, plan: InstancePlan, t_s: float, initial: bool) -> None:
         """The rebalancer's starts on its GPUs; its stops once the starts serve (make before
@@ -284,6 +339,7 @@ class Engine:
 
     def _lock_clocks(self, plan: InstancePlan, initial: bool) -> None:
         f = self.fleet
+        assert plan.clock_mhz is not None
         for e in range(self.n_endpoints):
             hosting = np.flatnonzero((f.endpoint == e) & f.hosting())
             old = self.gpus.locked_max_mhz[hosting]
@@ -310,6 +366,7 @@ class Engine:
         dt = self.scenario.step_s
         rate = self._rate_at(t_s)
         counts = self.arrival_rng.poisson(rate * dt)
+        self.observer.on_arrivals(counts)
         alpha = 1.0 - math.exp(-dt / EWMA_TAU_S)
         self.demand_ewma += alpha * (counts / dt - self.demand_ewma)
         self.recent = np.roll(self.recent, 1, axis=0)
@@ -362,6 +419,7 @@ class Engine:
         completed, dropped, llm_activity = self.pool.step(
             t_s, s.step_s, speed, prefill_rel, decode_rel, s.workload.queue_timeout_s)
         self.metrics.count_completed(completed)
+        self.observer.on_completed(completed)
         self.metrics.count_dropped(dropped)
         llm_activity = llm_activity * np.where(self.fleet.fp8, FP8_POWER, 1.0)
         opaque_act = shapes.opaque_activity(s.opaque, t_s, self.opaque_phase, self.opaque_jitter)

@@ -19,16 +19,19 @@ called through the adapters in simulator/snapshot.py:
              variant (fp16/fp8) and which GPUs start and stop (make-before-break);
   shed       coordinator.policy.shed.shed on every report while a row or aisle is over its
              (possibly reduced) limit (priority tiers: best-effort, SaaS, opaque last);
-  config     the clock lock per endpoint (and, without the rebalancer, the variant): no
-             coordinator function chooses a steady clock for a covered endpoint, so the
-             stand-in `choose_config` here does (lowest profiled clock covering the demand).
+  config     the configurator (coordinator.policy.configure): every routing interval each
+             endpoint's lowest clock covering its forecast over the corrected capacity, under
+             the row and thermal ceilings (coordinator.policy.shaping); without the
+             rebalancer the count stays static and the variant is fp8 where allowed;
+  closed loop (route, config, rebalance): forecast + correction (coordinator.policy.capacity)
+             in simulator/control.py; a rebalance is also asked for within one routing
+             interval when queues build.
 `policy_sources` names the implementation of every decision in summary.json.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -38,17 +41,18 @@ from coordinator.policy.placement import PlaceRequest, place
 from coordinator.policy.rebalance import rebalance
 from coordinator.policy.routing import routing_weights
 from coordinator.policy.shed import shed
-from nodeagent.gpu import physics
 from simulator import snapshot as snap
-from simulator.state import READY, STARTING, View, Workload
+from simulator.control import ShapingLoop
+from simulator.observe import Observation
+from simulator.state import READY, STARTING, View
 
-# Provision demand x this: MSRR is the rate at which the P95 reaches the SLO, and the target is
-# 99% within it, so instances run at <= 1/HEADROOM of MSRR (the baseline's peak is at 0.6).
-HEADROOM = 1.8
 SHED_MARGIN = 0.03  # caps aim this far below the limit
-# Rebalance settings (RebalanceConfig): a headroom that keeps >= 99% within SLO, the engine's
-# restart budget; MIG off (the simulator models whole-GPU instances only); else the defaults.
-REBALANCE_HEADROOM_FRAC = 0.5  # 0.4 gave 99.0% within SLO on the ablation, 0.2 (default) 93%
+# Rebalance settings (RebalanceConfig): no headroom of its own (the closed loop's provision
+# carries the one measured from the demand), the engine's restart budget; MIG off (the simulator
+# models whole-GPU instances only); else the defaults.
+# Before anything was observed (the first plan) the fleet is sized for the current rate x this:
+# no variability or correction is known yet, so the profile is not trusted to the last request.
+INITIAL_PROVISION = 1.5
 MOVES_PER_ROUND_FRAC = 0.1  # at most this share of the SaaS GPUs restarted per rebalance
 MIN_MOVES_PER_ROUND = 4
 
@@ -76,7 +80,8 @@ POLICY_COMPONENTS: dict[str, Components] = {
 class InstancePlan:
     count: np.ndarray  # instances per endpoint
     fp8: np.ndarray  # bool per endpoint
-    clock_mhz: np.ndarray  # locked clock per endpoint, NaN = not locked
+    clock_mhz: np.ndarray | None  # locked clock per endpoint, NaN = not locked; None = the
+    # clock controller locks them every routing interval
     # From the rebalancer: exactly which GPUs start (gpu, endpoint, fp8) and stop; None = the
     # engine sizes each endpoint to `count` itself (pick_gpus).
     actions: snap.PlanArrays | None = None
@@ -89,7 +94,8 @@ class Policy(Protocol):
     def roles(self, inputs: snap.PlacementInputs, role_counts: list[tuple[int, int]],
               peak_gpu_w: dict[int, float]) -> np.ndarray: ...
 
-    def plan(self, view: View, static_count: np.ndarray) -> InstancePlan: ...
+    def plan(self, view: View, static_count: np.ndarray, grow_only: bool = False
+             ) -> InstancePlan: ...
 
     def route(self, view: View) -> np.ndarray: ...
 
@@ -97,6 +103,12 @@ class Policy(Protocol):
                   ) -> np.ndarray: ...
 
     def shed(self, view: View, gpus: np.ndarray, budget_w: float) -> np.ndarray: ...
+
+    def observe(self, view: View, obs: Observation) -> None: ...
+
+    def scale_out(self, view: View) -> bool: ...
+
+    def clocks(self, view: View) -> np.ndarray | None: ...
 
 
 # ---------------- placement (server roles) ----------------
@@ -119,22 +131,36 @@ def placed_roles(inputs: snap.PlacementInputs, role_counts: list[tuple[int, int]
     instances: list[InstanceState] = []
     roles = np.full(n, np.iinfo(np.int64).min)
     fallbacks = 0
+    row_profiles = _idle_row_profiles(inputs)
     for role in snap.interleaved(role_counts)[:n]:
+        profile = inputs.gpus_per_server * inputs.role_profiles_w[role]
         request = PlaceRequest(gpus=inputs.gpus_per_server,
-                               predicted_peak_power_w=inputs.gpus_per_server * peak_gpu_w[role],
+                               predicted_peak_power_w=float(profile.max()),
                                workload="opaque" if role < 0 else "flexible",
-                               gpu_type=inputs.gpu_type)
-        ranked = place(request, ClusterSnapshot(tuple(nodes), tuple(instances)), inputs.limits)
+                               gpu_type=inputs.gpu_type,
+                               predicted_profile_w=tuple(profile.tolist()))
+        ranked = place(request, ClusterSnapshot(tuple(nodes), tuple(instances)), inputs.limits,
+                       {r: tuple(p.tolist()) for r, p in row_profiles.items()})
         if ranked:
             server = int(ranked[0].node_id[1:])
         else:
             server = int(np.flatnonzero(roles == np.iinfo(np.int64).min)[0])
             fallbacks += 1
         roles[server] = role
+        row = f"row{inputs.server_row[server]}"
+        row_profiles[row] = row_profiles[row] + profile - inputs.gpus_per_server * inputs.idle_gpu_w
         snap.assign_server(nodes, instances, server, role, peak_gpu_w[role])
     unset = roles == np.iinfo(np.int64).min
     roles[unset] = role_counts[-1][0]
     return roles, fallbacks
+
+
+def _idle_row_profiles(inputs: snap.PlacementInputs) -> dict[str, np.ndarray]:
+    """Each row's predicted draw with every server idle: hosts and idle GPUs."""
+    points = len(next(iter(inputs.role_profiles_w.values())))
+    per_server = inputs.host_w + inputs.gpus_per_server * inputs.idle_gpu_w
+    counts = np.bincount(inputs.server_row)
+    return {f"row{r}": np.full(points, per_server * int(k)) for r, k in enumerate(counts)}
 
 
 def _fit(roles: np.ndarray, n: int) -> np.ndarray:
@@ -151,65 +177,26 @@ def static_plan(static_count: np.ndarray) -> InstancePlan:
                         clock_mhz=np.full(n, np.nan))
 
 
-def clock_rel_throughput(w: Workload, clock_mhz: float, max_mhz: float) -> float:
-    return physics.relative_throughput(clock_mhz, max_mhz, w.decode_share)
-
-
-def choose_config(w: Workload, demand_rps: float, fp8_ok: bool, max_mhz: float,
-                  count: int | None, idle_w: float, dyn_w: float,
-                  max_count: int) -> tuple[int, bool, float]:
-    """(instances, fp8, clock) covering demand x HEADROOM at the least predicted power.
-
-    With `count` fixed (no rebalancer) only the variant and clock are chosen: the lowest profiled
-    clock that still covers the demand; never more than `max_count` instances. Power per
-    instance: idle + utilisation x dynamic power at the clock (physics.power_w with the decode
-    activity of a busy instance).
-    """
-    need_rps = max(demand_rps, 1e-9) * HEADROOM
-    speed = w.fp8_speedup if fp8_ok else 1.0
-    best: tuple[float, int, float] | None = None
-    for clock in w.clock_candidates_mhz:
-        cap_rps = w.instance_rps * speed * clock_rel_throughput(w, clock, max_mhz)
-        n = max(1, math.ceil(need_rps / cap_rps)) if count is None else count
-        n = min(n, max_count)
-        if n * cap_rps < need_rps and clock != max_mhz:
-            continue
-        util = min(demand_rps / (n * cap_rps), 1.0)
-        power = n * physics.power_w(util * physics.OASIS_DECODE_ACTIVITY, clock, max_mhz,
-                                    idle_w, dyn_w)
-        if best is None or power < best[0] - 1e-9:
-            best = (power, n, float(clock))
-    assert best is not None
-    _, n, clock = best
-    return n, fp8_ok, (math.nan if clock >= max_mhz else clock)
-
-
 def rebalance_config(view: View, initial: bool) -> RebalanceConfig:
     saas_gpus = int((~view.opaque).sum())
     moves = max(MIN_MOVES_PER_ROUND, round(MOVES_PER_ROUND_FRAC * saas_gpus))
-    return RebalanceConfig(headroom_frac=REBALANCE_HEADROOM_FRAC,
+    return RebalanceConfig(headroom_frac=0.0,
                            max_restarts_per_round=saas_gpus if initial else moves,
                            allow_mig=False)
 
 
-def rebalanced_plan(view: View) -> InstancePlan:
-    """coordinator.policy.rebalance.rebalance on the simulator's snapshot, then the stand-in
-    clock per endpoint for the instance count and variant the plan leaves."""
+def rebalanced_plan(view: View, provision_rps: np.ndarray) -> InstancePlan:
+    """coordinator.policy.rebalance.rebalance on the simulator's snapshot, each endpoint's
+    demand being the closed loop's provision; clocks are left to the clock controller."""
     w, f = view.workload, view.fleet
     saas_gpus = int((~view.opaque).sum())
     initial = not f.hosting().any()
-    snapshot = snap.cluster_snapshot(view, max_instances=saas_gpus, stopping_pinned=True)
+    sized = replace(view, demand_rps=provision_rps)
+    snapshot = snap.cluster_snapshot(sized, max_instances=saas_gpus, stopping_pinned=True)
     plan = rebalance(snapshot, w.profiles, snap.limits_of(view), rebalance_config(view, initial))
     actions = snap.plan_arrays(plan, view.cluster.gpus_per_server)
     count, fp8 = _after_plan(view, actions)
-    m = view.cluster.gpu
-    clock = np.full(w.n_endpoints, np.nan)
-    for e in range(w.n_endpoints):
-        if count[e] > 0:
-            _, _, clock[e] = choose_config(w, float(view.demand_rps[e]), bool(fp8[e]),
-                                           m.sm_max_clock_mhz, int(count[e]), m.idle_power_w,
-                                           m.dynamic_power_max_w, int(count[e]))
-    return InstancePlan(count=count, fp8=fp8, clock_mhz=clock, actions=actions)
+    return InstancePlan(count=count, fp8=fp8, clock_mhz=None, actions=actions)
 
 
 def _after_plan(view: View, actions: snap.PlanArrays) -> tuple[np.ndarray, np.ndarray]:
@@ -276,12 +263,19 @@ def coordinator_caps(view: View, gpus: np.ndarray, budget_w: float) -> np.ndarra
 
 # ---------------- the policy objects ----------------
 
-@dataclass(frozen=True)
+@dataclass
 class ComposedPolicy:
-    """A policy built from components (baseline = none of them)."""
+    """A policy built from components (baseline = none of them). `loop` holds the closed
+    loop's state (corrections, row weights) once the first observation arrives."""
 
     name: str
     components: Components
+    loop: ShapingLoop | None = None
+
+    @property
+    def closed_loop(self) -> bool:
+        c = self.components
+        return c.route or c.config or c.rebalance
 
     def roles(self, inputs: snap.PlacementInputs, role_counts: list[tuple[int, int]],
               peak_gpu_w: dict[int, float]) -> np.ndarray:
@@ -289,25 +283,39 @@ class ComposedPolicy:
             return placed_roles(inputs, role_counts, peak_gpu_w)[0]
         return contiguous_roles(role_counts, inputs.n_servers)
 
-    def plan(self, view: View, static_count: np.ndarray) -> InstancePlan:
+    def plan(self, view: View, static_count: np.ndarray, grow_only: bool = False
+             ) -> InstancePlan:
         c = self.components
         if c.rebalance:
-            return rebalanced_plan(view)
+            provision = (self.loop.provision_rps(view, view.workload.count_lead_s, grow_only)
+                         if self.loop is not None else view.demand_rps * INITIAL_PROVISION)
+            return rebalanced_plan(view, provision)
         if not c.config:
             return static_plan(static_count)
-        w = view.workload
-        m = view.cluster.gpu
-        n_ep = w.n_endpoints
-        count, fp8, clock = static_count.copy(), np.zeros(n_ep, bool), np.full(n_ep, np.nan)
-        for e in range(n_ep):  # config without the rebalancer: the count stays static
-            count[e], fp8[e], clock[e] = choose_config(
-                w, float(view.demand_rps[e]), bool(w.fp8_allowed[e]), m.sm_max_clock_mhz,
-                int(static_count[e]), m.idle_power_w, m.dynamic_power_max_w,
-                int(static_count[e]))
-        return InstancePlan(count=count, fp8=fp8, clock_mhz=clock)
+        # config without the rebalancer: the count stays static, fp8 where the floor allows.
+        return InstancePlan(count=static_count.copy(), fp8=view.workload.fp8_allowed.copy(),
+                            clock_mhz=None)
+
+    def observe(self, view: View, obs: Observation) -> None:
+        if not self.closed_loop:
+            return
+        if self.loop is None:
+            self.loop = ShapingLoop(view.workload.n_endpoints, view.cluster.n_rows)
+        self.loop.observe(view, obs)
+
+    def scale_out(self, view: View) -> bool:
+        return self.components.rebalance and self.loop is not None and self.loop.scale_out(view)
+
+    def clocks(self, view: View) -> np.ndarray | None:
+        if not self.components.config or self.loop is None or self.loop.obs is None:
+            return None
+        return self.loop.clocks(view)
 
     def route(self, view: View) -> np.ndarray:
-        return coordinator_weights(view) if self.components.route else round_robin_weights(view)
+        if not self.components.route:
+            return round_robin_weights(view)
+        base = coordinator_weights(view)
+        return base if self.loop is None else self.loop.weights(view, base)
 
     def pick_gpus(self, view: View, free: np.ndarray, n: int, home: np.ndarray) -> np.ndarray:
         """Where to start n new instances among the free GPUs `free` (`home`: the endpoint's own
@@ -337,11 +345,10 @@ def policy_sources(name: str) -> dict[str, str]:
     """Which implementation each decision uses: 'baseline' (written here), 'stand-in' (written
     here because no coordinator function covers it) or the coordinator function called."""
     c = POLICY_COMPONENTS[name]
-    if c.rebalance:
-        config = ("variant: coordinator.policy.rebalance.rebalance; clock: stand-in "
-                  "(simulator.policies.choose_config)")
-    elif c.config:
-        config = "stand-in (simulator.policies.choose_config: variant and clock)"
+    if c.config:
+        config = ("coordinator.policy.configure (clock per routing interval; variant: "
+                  + ("coordinator.policy.rebalance.rebalance)" if c.rebalance
+                     else "fp8 where allowed, count static)"))
     else:
         config = "baseline"
     return {
@@ -349,8 +356,11 @@ def policy_sources(name: str) -> dict[str, str]:
                  + ("coordinator.policy.rebalance.rebalance (packing)" if c.rebalance
                     else "stand-in (simulator.policies.ComposedPolicy.pick_gpus)")
         if c.place else "baseline",
-        "route": "coordinator.policy.routing.routing_weights" if c.route else "baseline",
+        "route": ("coordinator.policy.routing.routing_weights x coordinator.policy.shaping "
+                  "(row and thermal)") if c.route else "baseline",
         "config": config,
-        "rebalance": "coordinator.policy.rebalance.rebalance" if c.rebalance else "off",
+        "rebalance": ("coordinator.policy.rebalance.rebalance sized by "
+                      "coordinator.policy.capacity (forecast + correction)") if c.rebalance
+        else "off",
         "shed": "coordinator.policy.shed.shed" if c.priority_shed else "baseline (uniform caps)",
     }

@@ -66,6 +66,9 @@ class WorkloadSpec(_Strict):
     fp8_endpoints_frac: float = Field(0.5, ge=0.0, le=1.0)
     queue_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)  # waiting longer -> dropped
     endpoint_phase_s: float = Field(900.0, ge=0.0, le=86400.0)  # trace offset between endpoints
+    # The profiles overstate what the engines really serve by this share (0.3: the real capacity
+    # is 1/1.3 of the profiled one); the policies only see the profile and what they observe.
+    capacity_error_frac: float = Field(0.0, ge=0.0, le=4.0)
 
 
 class OpaqueSpec(_Strict):

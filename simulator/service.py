@@ -35,6 +35,11 @@ class ServiceParams:
     prefill_s_per_token: float
     max_concurrency: int
 
+    def slowed(self, factor: float) -> ServiceParams:
+        """The same engine `factor` times slower (a profile that overstates capacity)."""
+        return ServiceParams(self.tau0_s * factor, self.kappa_s * factor,
+                             self.prefill_s_per_token * factor, self.max_concurrency)
+
     def mean_request_s(self, prompt_tokens: float, output_tokens: float) -> float:
         """Instance time one request takes at a full batch (1 / MSRR)."""
         c = self.max_concurrency
@@ -126,6 +131,12 @@ class RequestPool:
 
     def in_flight_per_gpu(self) -> np.ndarray:
         return np.bincount(self.gpu, minlength=self.n_gpus)
+
+    def waiting_running_per_gpu(self) -> tuple[np.ndarray, np.ndarray]:
+        """(requests waiting for a batch slot, requests in the batch) per GPU."""
+        waiting = np.isnan(self.decode_start_s)
+        return (np.bincount(self.gpu[waiting], minlength=self.n_gpus),
+                np.bincount(self.gpu[~waiting], minlength=self.n_gpus))
 
     def step(self, t_s: float, dt_s: float, speed: np.ndarray, prefill_rel: np.ndarray,
              decode_rel: np.ndarray, timeout_s: float

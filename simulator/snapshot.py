@@ -229,6 +229,8 @@ class PlacementInputs:
     idle_gpu_w: float
     c_per_w: float
     limits: Limits
+    role_profiles_w: Mapping[int, np.ndarray]  # predicted draw per GPU over one period, by role
+    host_w: float  # a server's draw besides its GPUs (host idle)
 
 
 def assign_server(nodes: list[NodeState], instances: list[InstanceState], server: int,

@@ -48,6 +48,7 @@ class Workload:
     slo_s: float  # end-to-end latency SLO (the endpoints' slo_p95_s)
     class_mix: tuple[tuple[QueryClass, float], ...]  # a mean request as profiled-class work
     profiles: tuple[ProfileRow, ...]  # the cost table the rebalancer sizes with
+    count_lead_s: float = 90.0  # a new instance's start + one rebalance interval
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,4 @@ class View:
     server_cfm: np.ndarray
     server_inlet_c: np.ndarray  # current inlet temperature
     demand_rps: np.ndarray  # per endpoint, smoothed arrivals
+    locked_mhz: np.ndarray  # per GPU locked maximum SM clock, NaN = not locked

@@ -9,11 +9,17 @@ its power limit, their aisle over its airflow limit, or a GPU past its thermal h
 rest are ranked: first the row whose opaque/flexible mix stays closest to the cluster's (so
 every row keeps load that can be shed), then opaque loads to cooler servers and flexible loads
 to warmer ones (flexible loads absorb thermal emergencies by reshaping).
+
+With a predicted power profile (TAPAS Place: the load's power over one period, from its
+history, e.g. one point per few minutes) and each row's profile of what it already hosts, the
+first key is instead the row's *peak* once the load is added (the mix comes second): loads
+whose peaks coincide land in different rows.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from coordinator.policy.ledger import gpu_temp_c, gpu_temp_limit_c, node_power_w, shape_of
@@ -21,6 +27,7 @@ from coordinator.policy.model import ClusterSnapshot, GpuState, Limits, NodeStat
 from nodeagent.errors import InvalidArgument, out_of_range
 
 WORKLOADS = ("opaque", "flexible")
+MAX_PROFILE_POINTS = 1440  # one a minute over a day
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class PlaceRequest:
     predicted_peak_power_w: float  # of all its GPUs together
     workload: str = "opaque"  # opaque | flexible
     gpu_type: str = ""  # "" = any type
+    # Predicted power of all its GPUs over one period (W per point); () = peak only.
+    predicted_profile_w: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,12 @@ def validate_request(request: PlaceRequest) -> PlaceRequest:
     if request.workload not in WORKLOADS:
         raise InvalidArgument(f"workload={request.workload!r} is unknown; allowed: "
                               f"{', '.join(WORKLOADS)}", field="workload")
+    if len(request.predicted_profile_w) > MAX_PROFILE_POINTS:
+        raise out_of_range("len(predicted_profile_w)", len(request.predicted_profile_w), 0,
+                           MAX_PROFILE_POINTS)
+    for i, w in enumerate(request.predicted_profile_w):
+        if not 0 <= w <= 64 * 1000:
+            raise out_of_range(f"predicted_profile_w[{i}]", w, 0, 64_000, "W")
     return request
 
 
@@ -76,9 +91,14 @@ def _mix(snapshot: ClusterSnapshot, busy: set[tuple[str, int]]
     return rows, total
 
 
-def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits) -> list[RankedNode]:
-    """Nodes that can take the request within every limit, best first, each with a reason."""
+def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits,
+          row_profiles_w: Mapping[str, Sequence[float]] | None = None) -> list[RankedNode]:
+    """Nodes that can take the request within every limit, best first, each with a reason.
+    `row_profiles_w`: per row, the predicted power of what it hosts over the same period as
+    the request's `predicted_profile_w` (both needed for peak-aware ranking)."""
     validate_request(request)
+    peaks_w = _peak_after(request, snapshot, row_profiles_w)
+    peak_of = None if peaks_w is None else _peak_key(peaks_w, limits)
     busy = {(i.node_id, g) for i in snapshot.instances for g in i.gpu_indices}
     row_w: dict[str, float] = defaultdict(float)
     aisle_cfm: dict[str, float] = defaultdict(float)
@@ -89,7 +109,8 @@ def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits) -> l
     opaque = request.workload == "opaque"
     ranked = []
     for n in snapshot.nodes:
-        r = _consider(request, n, busy, row_w, aisle_cfm, limits)
+        r = _consider(request, n, busy, row_w, aisle_cfm, limits,
+                      None if peaks_w is None else peaks_w[n.row])
         if r is None:
             continue
         o, f = mix_rows[n.row]
@@ -99,7 +120,9 @@ def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits) -> l
             sum(mix_total) + request.gpus)
         imbalance = abs(frac_after - cluster_frac)
         temp_key = n.inlet_temp_c if opaque else -n.inlet_temp_c
-        ranked.append(((round(imbalance, 1), temp_key, n.node_id), RankedNode(
+        key = ((round(imbalance, 1),) if peak_of is None
+               else (peak_of[n.row], round(imbalance, 1)))
+        ranked.append(((*key, temp_key, n.node_id), RankedNode(
             n.node_id, n.row, n.aisle, r[0], n.inlet_temp_c, r[1], frac_after,
             f"{r[2]}; inlet {n.inlet_temp_c:.1f} C ({'cooler' if opaque else 'warmer'} is "
             f"better for {request.workload} loads); row {n.row} opaque share "
@@ -108,10 +131,37 @@ def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits) -> l
     return [r for _, r in ranked]
 
 
+def _peak_after(request: PlaceRequest, snapshot: ClusterSnapshot,
+                row_profiles_w: Mapping[str, Sequence[float]] | None) -> dict[str, float] | None:
+    """Per row, its predicted peak (W) with the request added; None without profiles."""
+    prof = request.predicted_profile_w
+    if not prof or row_profiles_w is None:
+        return None
+    req = list(prof)
+    peaks = {}
+    for row in {n.row for n in snapshot.nodes}:
+        base = list(row_profiles_w.get(row, ())) or [0.0] * len(req)
+        if len(base) != len(req):
+            raise InvalidArgument(f"row_profiles_w[{row!r}] has {len(base)} points, the "
+                                  f"request's predicted_profile_w {len(req)}",
+                                  field="predicted_profile_w")
+        peaks[row] = max(b + r for b, r in zip(base, req, strict=True))
+    return peaks
+
+
+def _peak_key(peaks_w: dict[str, float], limits: Limits) -> dict[str, float]:
+    """A row's peak as a share of its limit (of the highest peak where rows have no limit),
+    rounded to 1% so that cooler/warmer breaks near-ties."""
+    scale = max(peaks_w.values()) or 1.0
+    return {row: round(peak / (limits.row_power_limit_w.get(row) or scale), 2)
+            for row, peak in peaks_w.items()}
+
+
 def _consider(request: PlaceRequest, n: NodeState, busy: set[tuple[str, int]],
-              row_w: dict[str, float], aisle_cfm: dict[str, float], limits: Limits
-              ) -> tuple[tuple[int, ...], float, str] | None:
-    """(GPUs, row power after, reason) when the node passes every filter, else None."""
+              row_w: dict[str, float], aisle_cfm: dict[str, float], limits: Limits,
+              row_peak_w: float | None = None) -> tuple[tuple[int, ...], float, str] | None:
+    """(GPUs, row power after, reason) when the node passes every filter, else None.
+    `row_peak_w`: the row's profile peak with the request (replaces the sum of peaks)."""
     free = _free_gpus(n, busy, request.gpu_type)
     if len(free) < request.gpus:
         return None
@@ -127,7 +177,7 @@ def _consider(request: PlaceRequest, n: NodeState, busy: set[tuple[str, int]],
     added = sum(per_gpu_w - g.power_draw_w for g in chosen)
     p0, a0 = node_power_w(shape, gpu_now_w)
     p1, a1 = node_power_w(shape, gpu_now_w + max(added, 0.0))
-    row_after = row_w[n.row] + (p1 - p0)
+    row_after = row_w[n.row] + (p1 - p0) if row_peak_w is None else row_peak_w
     aisle_after = aisle_cfm[n.aisle] + (a1 - a0)
     row_limit = limits.row_power_limit_w.get(n.row)
     aisle_limit = limits.aisle_airflow_cfm.get(n.aisle)

@@ -287,6 +287,8 @@ def _decide(endpoints: Sequence[_Endpoint], config: RebalanceConfig
     for ch in wanted:
         if ch.cost > budget and not ch.ep.covered:
             ch = _scale_out(ch, budget)
+        elif ch.cost > budget and not ch.start and budget > 0:
+            ch = _scale_in(ch, budget)
         if ch.cost > budget or ch.cost == 0:
             outcomes[ch.ep.spec.name] = _outcome(
                 ch.ep, None, "deferred",
@@ -300,6 +302,8 @@ def _decide(endpoints: Sequence[_Endpoint], config: RebalanceConfig
 
 def _want_change(ep: _Endpoint, config: RebalanceConfig) -> tuple[_Change | None, str]:
     if not ep.mixes:
+        if ep.known and not ep.covered and (grow := _grow_to_cap(ep)) is not None:
+            return grow, ""
         if ep.known:  # configurations exist, but none covers the demand within the cap
             return None, (f"covering {ep.total_rps * (1 + config.headroom_frac):.2f} req/s "
                           f"needs more than max_instances={ep.spec.max_instances} instances of "
@@ -349,6 +353,30 @@ def _scale_out(ch: _Change, budget: int) -> _Change:
     n = min(budget, max(1, math.ceil(missing / cap - _EPS))) if cap > 0 else 0
     return _Change(ch.ep, ch.mix, list(ch.ep.current), [], [primary] * n,
                    f"{ch.reason}; restart budget short: scale out by {n} only")
+
+
+def _grow_to_cap(ep: _Endpoint) -> _Change | None:
+    """No mix covers the demand within max_instances: add instances of the configuration with
+    the most capacity per GPU up to the cap (short of demand, closer to it than keeping)."""
+    room = ep.spec.max_instances - len(ep.current)
+    if room <= 0:
+        return None
+    best = max(ep.known.values(),
+               key=lambda c: (c.capacity_rps(ep.demand) / max(c.gpu_equiv, _EPS),
+                              c.config.describe()))
+    mix = Mix(((best, room),), best.gpu_equiv * room, best.power_w * room)
+    return _Change(ep, mix, list(ep.current), [], [best] * room,
+                   f"no configuration covers {ep.total_rps:.2f} req/s within max_instances="
+                   f"{ep.spec.max_instances}: add {room}x {best.config.describe()}")
+
+
+def _scale_in(ch: _Change, budget: int) -> _Change:
+    """Under budget pressure a covered endpoint that only sheds instances sheds `budget` of
+    them now and the rest in later rounds (capacity only falls towards the mix's)."""
+    stop = ch.stop[:budget]
+    keep = ch.keep + ch.stop[budget:]
+    return _Change(ch.ep, ch.mix, keep, stop, [],
+                   f"{ch.reason}; restart budget short: scale in by {len(stop)} now")
 
 
 # ---------------------------------------------------------------------- placement

@@ -87,7 +87,7 @@ def test_rebalance_stops_instances_of_a_low_demand_endpoint(trace) -> None:
     assert before[0] > 1
     low = view.demand_rps.copy()
     low[0] = 1e-3  # endpoint 0's demand all but vanishes
-    plan = rebalanced_plan(replace(view, t_s=3600.0, demand_rps=low))
+    plan = rebalanced_plan(replace(view, t_s=3600.0), low * 1.5)  # endpoint 1 keeps headroom
     assert plan.actions is not None and plan.actions.stops
     assert all(view.fleet.endpoint[g] == 0 for g in plan.actions.stops)
     assert plan.count[0] < before[0]
@@ -98,7 +98,8 @@ def test_rebalance_starts_land_on_free_gpus_and_stops_wait_for_them(trace) -> No
     eng = engine(trace)
     view = started(eng, demand_x=0.2)
     hosting_before = int(view.fleet.hosting().sum())
-    plan = rebalanced_plan(replace(view, t_s=60.0))  # demand x5 of what it was sized for
+    # demand x5 of what it was sized for
+    plan = rebalanced_plan(replace(view, t_s=60.0), view.demand_rps * 1.1)
     assert plan.actions is not None and plan.actions.starts
     free = ~view.fleet.hosting() & ~view.opaque
     assert all(free[g] for g, _, _ in plan.actions.starts)
@@ -126,7 +127,8 @@ def test_placement_mixes_every_row_and_places_within_limits(trace) -> None:
     eng = engine(trace, policy="place", cluster={"servers": 16, "rows": 4, "aisles": 2,
                                                  "row_provision_frac": 1.2})
     role_counts = [(0, 4), (1, 4), (-1, 4), (-2, 4)]
-    roles, fallbacks = placed_roles(eng._placement_inputs(), role_counts,
+    phases = np.zeros(2)
+    roles, fallbacks = placed_roles(eng._placement_inputs(role_counts, phases), role_counts,
                                     eng._peak_gpu_w(role_counts))
     assert fallbacks == 0
     assert sorted(np.bincount(roles - roles.min()).tolist()) == [4, 4, 4, 4]
@@ -136,7 +138,7 @@ def test_placement_mixes_every_row_and_places_within_limits(trace) -> None:
     # Feeds provisioned below the predicted peaks: place() finds no node for some servers.
     tight = engine(trace, policy="place", cluster={"servers": 16, "rows": 4, "aisles": 2,
                                                    "row_provision_frac": 0.6})
-    _, fallbacks = placed_roles(tight._placement_inputs(), role_counts,
+    _, fallbacks = placed_roles(tight._placement_inputs(role_counts, phases), role_counts,
                                 tight._peak_gpu_w(role_counts))
     assert fallbacks > 0
 
@@ -144,8 +146,11 @@ def test_placement_mixes_every_row_and_places_within_limits(trace) -> None:
 def test_policy_sources_name_the_coordinator_functions() -> None:
     src = policy_sources("shapeshifter")
     assert src["shed"] == "coordinator.policy.shed.shed"
-    assert src["rebalance"] == "coordinator.policy.rebalance.rebalance"
-    assert src["route"] == "coordinator.policy.routing.routing_weights"
+    assert src["rebalance"].startswith("coordinator.policy.rebalance.rebalance sized by "
+                                       "coordinator.policy.capacity")
+    assert src["route"].startswith("coordinator.policy.routing.routing_weights")
+    assert "coordinator.policy.shaping" in src["route"]
     assert src["place"].startswith("coordinator.policy.placement.place")
-    assert "stand-in" in src["config"]  # the clock choice has no coordinator function
+    assert "stand-in" not in src["config"]  # the configurator chooses the clock
+    assert src["config"].startswith("coordinator.policy.configure")
     assert policy_sources("baseline")["shed"] == "baseline (uniform caps)"

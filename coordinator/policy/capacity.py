@@ -1,0 +1,142 @@
+"""Closed-loop capacity: demand forecast with a headroom measured from the demand itself, and a
+correction of the profiled capacity from observed lateness, queueing and saturation. Pure
+functions of their inputs; the caller keeps the state (the correction factor) between calls.
+
+Forecast (`forecast`): arrivals binned per routing interval, oldest first. The level is the
+mean of the recent bins, the trend a least-squares slope over the window (only growth is
+projected: the capacity being provisioned must serve until the next one can start), and the
+headroom z x sigma, sigma the standard deviation of the bins around that fit. So a smooth
+trace gets little headroom and a bursty one more, with no constant fitted to either; z is the
+normal quantile of the share of intervals allowed to run short (default 1%).
+
+Correction (`update_correction`, as NVIDIA Dynamo's SLA planner corrects its profiles): when
+most of an endpoint's instances are saturated (a full batch and requests waiting), what they
+serve *is* their capacity, so the factor moves towards served / profiled. Independently, more
+requests over the SLO than the budget while instances queue cuts it multiplicatively, and an
+interval well within budget lets it creep back up, never above what saturation last measured
+(AIMD on measured latency).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from nodeagent.errors import out_of_range
+
+
+@dataclass(frozen=True)
+class Forecast:
+    level_rps: float
+    trend_rps_per_s: float
+    sigma_rps: float
+    provision_rps: float  # level + projected growth over the lead time + z x sigma
+
+
+def forecast(rates_rps: Sequence[float] | np.ndarray, bin_s: float, lead_s: float,
+             short_fraction: float = 0.01, level_bins: int = 0) -> Forecast:
+    """Forecast from per-bin arrival rates (oldest first). `lead_s`: how far ahead the
+    capacity must hold (instance start + decision interval for counts, ~0 for clocks);
+    `short_fraction`: the share of bins allowed to exceed the provision; `level_bins`: how many
+    recent bins the level averages (0 = a quarter of the window, at least one)."""
+    r = np.asarray(rates_rps, float)
+    if len(r) == 0:
+        return Forecast(0.0, 0.0, 0.0, 0.0)
+    if not 0.0 < short_fraction < 0.5:
+        raise out_of_range("short_fraction", short_fraction, 0.0, 0.5)
+    k = level_bins or max(1, len(r) // 4)
+    level = float(r[-k:].mean())
+    slope, sigma = _fit(r, bin_s)
+    z = NormalDist().inv_cdf(1.0 - short_fraction)
+    growth = max(slope, 0.0) * (lead_s + 0.5 * k * bin_s)  # the level lags by half its window
+    return Forecast(level, slope, sigma, level + growth + z * sigma)
+
+
+def _fit(r: np.ndarray, bin_s: float) -> tuple[float, float]:
+    """(slope per second, residual standard deviation) of a least-squares line."""
+    if len(r) < 3:
+        return 0.0, float(np.sqrt(max(r.mean(), 0.0) / bin_s))  # Poisson, nothing else known
+    t = np.arange(len(r)) * bin_s
+    slope, intercept = np.polyfit(t, r, 1)
+    resid = r - (slope * t + intercept)
+    return float(slope), float(resid.std(ddof=2))
+
+
+@dataclass(frozen=True)
+class CapacityObservation:
+    """One endpoint over the last interval."""
+
+    served_rps: float  # requests completed per second, all its serving instances
+    arrival_rps: float  # requests arriving per second
+    instances: int  # serving instances
+    saturated_frac: float  # share of them with a full batch and requests waiting
+    queued_frac: float  # share of them with any request waiting for a batch slot
+    late_frac: float | None  # share of completed requests over the SLO; None = none completed
+    profile_capacity_rps: float  # one instance, from the profile, at the clock it ran at
+
+
+@dataclass(frozen=True)
+class CorrectionState:
+    factor: float = 1.0  # true capacity / profiled capacity
+    measured_ceiling: float = math.inf  # the last saturated measurement (smoothed)
+    hold: int = 0  # intervals before the next cut (the lateness window must turn over first)
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    late_budget: float = 0.005  # share of requests over the SLO allowed: half the 1% of 99%
+    decrease: float = 0.9  # multiplicative cut over budget while covered (once per hold)
+    increase: float = 0.001  # additive recovery per interval well within budget
+    hold_intervals: int = 12  # after a cut, the late window's length: one cut per event
+    saturated_quorum: float = 0.5  # this share of instances saturated: served = capacity
+    queued_quorum: float = 0.2  # this share queueing: lateness is the load's doing
+    busy_utilization: float = 0.5  # or serving this share of their profiled capacity
+    smoothing: float = 0.3  # weight of a new saturated measurement
+    floor: float = 0.3
+    ceiling: float = 1.5
+
+    def validate(self) -> CorrectionConfig:
+        if not 0.0 < self.late_budget < 0.5:
+            raise out_of_range("late_budget", self.late_budget, 0.0, 0.5)
+        if not 0.0 < self.decrease < 1.0:
+            raise out_of_range("decrease", self.decrease, 0.0, 1.0)
+        if not 0.0 < self.floor < 1.0:
+            raise out_of_range("floor", self.floor, 0.0, 1.0)
+        if not 1.0 <= self.ceiling <= 10.0:
+            raise out_of_range("ceiling", self.ceiling, 1.0, 10.0)
+        return self
+
+
+def update_correction(state: CorrectionState, obs: CapacityObservation,
+                      config: CorrectionConfig = CorrectionConfig()) -> CorrectionState:
+    """One interval: saturation measures the capacity. Lateness (over the caller's window)
+    while the corrected capacity was believed to cover the arrivals, and instances queue or
+    serve over half their profiled capacity, cuts the factor (they serve less within the SLO
+    than the profile says). Lateness while arrivals exceed the believed capacity is the
+    provisioning's doing (the forecast's to fix), and lateness on lightly loaded instances the
+    requests' own length, which no capacity cures: neither moves it."""
+    f, ceiling, hold = state.factor, state.measured_ceiling, max(state.hold - 1, 0)
+    saturated = obs.instances > 0 and obs.saturated_frac >= config.saturated_quorum
+    if saturated and obs.profile_capacity_rps > 0:
+        measured = obs.served_rps / (obs.instances * obs.profile_capacity_rps)
+        f += config.smoothing * (measured - f)
+        ceiling = measured if math.isinf(ceiling) else ceiling + config.smoothing * (
+            measured - ceiling)
+    if obs.late_frac is not None:
+        profiled_rps = obs.instances * obs.profile_capacity_rps
+        utilization = obs.served_rps / profiled_rps if profiled_rps > 0 else 0.0
+        loaded = (obs.queued_frac >= config.queued_quorum
+                  or utilization >= config.busy_utilization)
+        covered = obs.arrival_rps <= f * profiled_rps
+        if obs.late_frac > config.late_budget and loaded and covered:
+            if hold == 0:
+                f *= config.decrease
+                hold = config.hold_intervals
+        elif obs.late_frac <= 0.5 * config.late_budget and not saturated and hold == 0:
+            top = 1.0 if math.isinf(ceiling) else max(ceiling, 1.0)
+            f = min(f + config.increase, max(top, f))
+    return CorrectionState(float(min(max(f, config.floor), config.ceiling)), ceiling, hold)

@@ -1,0 +1,185 @@
+"""The shaping loop's state in the simulator, around the coordinator's pure policies.
+
+Each routing interval the engine closes an `Observation` and calls, in order:
+  observe   capacity correction per endpoint (coordinator.policy.capacity.update_correction)
+            and the row weight multipliers (coordinator.policy.shaping.update_row_weights);
+  weights   routing weights x row and thermal multipliers (shaping);
+  clocks    per GPU locked clock: the endpoint's lowest covering clock
+            (coordinator.policy.configure.lowest_clock_mhz) under the row and thermal ceilings;
+  scale_out whether queues build: the engine then asks for a plan at once (one interval).
+Each rebalance interval (or on scale_out) `provision_rps` gives the rebalancer each endpoint's
+rate to cover: the forecast's provision (coordinator.policy.capacity.forecast, lead = instance
+start + rebalance interval) over the corrected capacity at the planning clock
+(coordinator.policy.configure.planning_clock_mhz).
+The live coordinator keeps the same state per endpoint and row between its ticks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.policy import capacity, configure, shaping
+from nodeagent.gpu import physics
+from simulator.observe import Observation
+from simulator.state import READY, View
+
+COUNT_WINDOW_S = 300.0  # arrivals the count forecast fits
+CLOCK_WINDOW_S = 60.0  # arrivals the clock forecast fits
+LATE_WINDOW_S = 60.0  # lateness is judged over this many seconds of completions
+SATURATED_SCALE_OUT = 0.25  # this share of an endpoint's instances saturated: scale out now
+
+
+@dataclass
+class ShapingLoop:
+    n_endpoints: int
+    n_rows: int
+    configure_config: configure.ConfigureConfig = field(default_factory=configure.ConfigureConfig)
+    shaping_config: shaping.ShapingConfig = field(default_factory=shaping.ShapingConfig)
+    correction_config: capacity.CorrectionConfig = field(
+        default_factory=capacity.CorrectionConfig)
+    corrections: list[capacity.CorrectionState] = field(default_factory=list)
+    row_weight: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    obs: Observation | None = None
+    saturated_frac: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    completions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.corrections = [capacity.CorrectionState() for _ in range(self.n_endpoints)]
+        self.row_weight = np.ones(self.n_rows)
+        self.saturated_frac = np.zeros(self.n_endpoints)
+
+    def factor(self, e: int) -> float:
+        return self.corrections[e].factor
+
+    # ---------------- observation ----------------
+
+    def observe(self, view: View, obs: Observation) -> None:
+        self.obs = obs
+        ready = view.fleet.state == READY
+        saturated = ready & (obs.running >= obs.max_concurrency) & (obs.waiting > 0)
+        keep = max(1, round(LATE_WINDOW_S / obs.interval_s))
+        self.completions = [*self.completions, (obs.served, obs.late)][-keep:]
+        served = np.sum([c for c, _ in self.completions], axis=0)
+        late = np.sum([x for _, x in self.completions], axis=0)
+        for e in range(self.n_endpoints):
+            mine = ready & (view.fleet.endpoint == e)
+            n = int(mine.sum())
+            self.saturated_frac[e] = float(saturated[mine].mean()) if n else 0.0
+            per_inst = float(_instance_capacity_rps(view, mine).mean()) if n else 0.0
+            o = capacity.CapacityObservation(
+                served_rps=float(obs.served[e]) / obs.interval_s,
+                arrival_rps=float(obs.arrival_rates_rps[-1, e]), instances=n,
+                saturated_frac=self.saturated_frac[e],
+                queued_frac=float((obs.waiting[mine] > 0).mean()) if n else 0.0,
+                late_frac=float(late[e] / served[e]) if served[e] else None,
+                profile_capacity_rps=per_inst)
+            self.corrections[e] = capacity.update_correction(self.corrections[e], o,
+                                                             self.correction_config)
+        excess, movable = self._row_excess(view)
+        self.row_weight = shaping.update_row_weights(self.row_weight, excess, movable,
+                                                     self.shaping_config)
+
+    def _row_excess(self, view: View) -> tuple[np.ndarray, np.ndarray]:
+        m = view.cluster.gpu
+        saas = ~view.opaque & view.fleet.hosting()
+        dyn = np.maximum(view.gpu_power_w - m.idle_power_w, 0.0) * saas
+        movable = np.bincount(view.gpu_row, dyn, minlength=self.n_rows)
+        return shaping.row_excess_w(view.row_power_w, view.row_limit_w,
+                                    self.shaping_config), movable
+
+    # ---------------- decisions ----------------
+
+    def provision_rps(self, view: View, lead_s: float, grow_only: bool = False
+                      ) -> np.ndarray:
+        """Per endpoint, the rate (in profiled capacity at the maximum clock) to provision.
+        `grow_only` (a scale-out between rebalance intervals): no endpoint is sized below what
+        it has, so that plan only adds capacity."""
+        out = np.zeros(self.n_endpoints)
+        if self.obs is None:
+            return view.demand_rps  # before the first observation (the caller adds headroom)
+        rel = self._planning_rel(view)
+        for e in range(self.n_endpoints):
+            f = self._forecast(e, COUNT_WINDOW_S, lead_s)
+            out[e] = f.provision_rps / max(self.factor(e), 1e-6) / rel
+        if grow_only:
+            live = (view.fleet.state == READY) | (view.fleet.state == 1)
+            have = np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
+                                                    at_max=True).sum()
+                             for e in range(self.n_endpoints)])
+            out = np.maximum(out, have)
+        return out
+
+    def scale_out(self, view: View) -> bool:
+        """Queues build somewhere and nothing is already starting for that endpoint."""
+        starting = np.bincount(view.fleet.endpoint[view.fleet.state == 1],
+                               minlength=self.n_endpoints)
+        return bool(np.any((self.saturated_frac >= SATURATED_SCALE_OUT) & (starting == 0)))
+
+    def weights(self, view: View, base: np.ndarray) -> np.ndarray:
+        m = view.cluster.gpu
+        mult = np.where(view.opaque, 1.0, self.row_weight[view.gpu_row])
+        mult *= shaping.thermal_weights(view.gpu_temp_c, m.thermal.slowdown_c,
+                                        self.shaping_config)
+        return base * mult
+
+    def clocks(self, view: View) -> np.ndarray:
+        """Per GPU locked maximum clock (NaN = unlocked) for every hosting GPU."""
+        m, w, f = view.cluster.gpu, view.workload, view.fleet
+        out = np.full(view.cluster.n_gpus, np.nan)
+        ready = f.state == READY
+        for e in range(self.n_endpoints):
+            mine = f.hosting() & (f.endpoint == e)
+            cap_max = float(_instance_capacity_rps(view, ready & (f.endpoint == e),
+                                                   at_max=True).sum())
+            need = self._forecast(e, CLOCK_WINDOW_S, 0.0).provision_rps / max(self.factor(e),
+                                                                             1e-6)
+            clock = configure.lowest_clock_mhz(1, need, cap_max, m, w.decode_share,
+                                               self.configure_config) if cap_max > 0 else \
+                m.sm_max_clock_mhz
+            out[mine] = clock
+        out = np.fmin(out, self._ceilings(view))
+        hosting = f.hosting()
+        out[~hosting] = np.nan
+        out[hosting & (out >= m.sm_max_clock_mhz)] = np.nan
+        return out
+
+    def _ceilings(self, view: View) -> np.ndarray:
+        m = view.cluster.gpu
+        excess, _ = self._row_excess(view)
+        saas = ~view.opaque & view.fleet.hosting()
+        dyn = np.maximum(view.gpu_power_w - m.idle_power_w, 0.0) * saas
+        # Routing first: a row's clocks are only lowered once its weights are at the floor.
+        at_floor = self.row_weight <= self.shaping_config.min_weight + 1e-9
+        saas_dyn = np.bincount(view.gpu_row, dyn, minlength=self.n_rows)
+        row_ceiling = shaping.row_clock_ceiling_mhz(np.where(at_floor, excess, 0.0), saas_dyn,
+                                                    m.sm_max_clock_mhz, self.shaping_config)
+        thermal = shaping.thermal_clock_ceiling_mhz(
+            view.gpu_temp_c, m.thermal.slowdown_c, m.sm_max_clock_mhz, m.thermal_c_per_w,
+            np.full(view.cluster.n_gpus, m.dynamic_power_max_w), self.shaping_config)
+        return np.where(view.opaque, np.nan, np.fmin(row_ceiling[view.gpu_row], thermal))
+
+    # ---------------- helpers ----------------
+
+    def _forecast(self, e: int, window_s: float, lead_s: float) -> capacity.Forecast:
+        assert self.obs is not None
+        bins = max(3, round(window_s / self.obs.interval_s))
+        rates = self.obs.arrival_rates_rps[-bins:, e]
+        return capacity.forecast(rates, self.obs.interval_s, lead_s)
+
+    def _planning_rel(self, view: View) -> float:
+        m, w = view.cluster.gpu, view.workload
+        clock = configure.planning_clock_mhz(m, w.decode_share, self.configure_config)
+        return configure.capacity_at_clock(1.0, clock, m, w.decode_share)
+
+
+def _instance_capacity_rps(view: View, mask: np.ndarray, at_max: bool = False) -> np.ndarray:
+    """Profiled capacity of each instance in `mask` at its locked clock (or the maximum)."""
+    w, m = view.workload, view.cluster.gpu
+    speed = np.where(view.fleet.fp8[mask], w.fp8_speedup, 1.0)
+    if at_max:
+        return w.instance_rps * speed
+    clock = np.where(np.isnan(view.locked_mhz[mask]), m.sm_max_clock_mhz, view.locked_mhz[mask])
+    rel = physics.relative_throughput(clock, m.sm_max_clock_mhz, w.decode_share)
+    return w.instance_rps * speed * rel
