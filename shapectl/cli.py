@@ -19,13 +19,14 @@ from shapectl import (
     plan_cmds,
     profile_cmds,
     simulate_cmds,
+    trace_cmds,
 )
 from shapectl.channels import ChannelError, add_security_args, client_security, leader_of
 from shapectl.targets import TargetError
 
 # Each module exposes register(subparsers); its subparsers set `func(args) -> int`.
 COMMAND_MODULES = [agent_cmds, instance_cmds, profile_cmds, classify_cmds, cluster_cmds,
-                   simulate_cmds, emergency_cmds, plan_cmds]
+                   simulate_cmds, emergency_cmds, plan_cmds, trace_cmds]
 
 DEFAULT_COORDINATOR = "127.0.0.1:50050"
 

@@ -28,7 +28,11 @@ from simulator.state import READY, View
 COUNT_WINDOW_S = 300.0  # arrivals the count forecast fits
 CLOCK_WINDOW_S = 60.0  # arrivals the clock forecast fits
 LATE_WINDOW_S = 60.0  # lateness is judged over this many seconds of completions
-SATURATED_SCALE_OUT = 0.25  # this share of an endpoint's instances saturated: scale out now
+SATURATED_SCALE_OUT = 0.25
+# Per endpoint clock floor, closed on measured lateness: a lower clock stretches every request
+# (prefill is compute-bound), which no instance count cures. Up fast on lateness, down slowly.
+FLOOR_UP_MHZ = 120.0
+FLOOR_DOWN_MHZ = 15.0  # this share of an endpoint's instances saturated: scale out now
 
 
 @dataclass
@@ -44,11 +48,13 @@ class ShapingLoop:
     obs: Observation | None = None
     saturated_frac: np.ndarray = field(default_factory=lambda: np.zeros(0))
     completions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    clock_floor_mhz: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
         self.corrections = [capacity.CorrectionState() for _ in range(self.n_endpoints)]
         self.row_weight = np.ones(self.n_rows)
         self.saturated_frac = np.zeros(self.n_endpoints)
+        self.clock_floor_mhz = np.full(self.n_endpoints, np.inf)  # set from the GPU at first
 
     def factor(self, e: int) -> float:
         return self.corrections[e].factor
@@ -77,9 +83,20 @@ class ShapingLoop:
                 profile_capacity_rps=per_inst)
             self.corrections[e] = capacity.update_correction(self.corrections[e], o,
                                                              self.correction_config)
+        self._update_clock_floor(view, obs)
         excess, movable = self._row_excess(view)
         self.row_weight = shaping.update_row_weights(self.row_weight, excess, movable,
                                                      self.shaping_config)
+
+    def _update_clock_floor(self, view: View, obs: Observation) -> None:
+        m = view.cluster.gpu
+        top, low = float(m.sm_max_clock_mhz), self.configure_config.min_clock_frac * float(
+            m.sm_max_clock_mhz)
+        floor = np.minimum(self.clock_floor_mhz, top)
+        budget = self.correction_config.late_budget
+        late = obs.late > budget * np.maximum(obs.served, 1)
+        floor = np.where(late, floor + FLOOR_UP_MHZ, floor - FLOOR_DOWN_MHZ)
+        self.clock_floor_mhz = np.clip(floor, low, top)
 
     def _row_excess(self, view: View) -> tuple[np.ndarray, np.ndarray]:
         m = view.cluster.gpu
@@ -95,7 +112,8 @@ class ShapingLoop:
                       ) -> np.ndarray:
         """Per endpoint, the rate (in profiled capacity at the maximum clock) to provision.
         `grow_only` (a scale-out between rebalance intervals): no endpoint is sized below what
-        it has, so that plan only adds capacity."""
+        it has, so that plan only adds capacity. Scale-in needs evidence: an endpoint whose
+        last late window is not clean (or not yet full) keeps at least what it has."""
         out = np.zeros(self.n_endpoints)
         if self.obs is None:
             return view.demand_rps  # before the first observation (the caller adds headroom)
@@ -103,13 +121,22 @@ class ShapingLoop:
         for e in range(self.n_endpoints):
             f = self._forecast(e, COUNT_WINDOW_S, lead_s)
             out[e] = f.provision_rps / max(self.factor(e), 1e-6) / rel
-        if grow_only:
-            live = (view.fleet.state == READY) | (view.fleet.state == 1)
-            have = np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
-                                                    at_max=True).sum()
-                             for e in range(self.n_endpoints)])
-            out = np.maximum(out, have)
-        return out
+        live = (view.fleet.state == READY) | (view.fleet.state == 1)
+        have = np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
+                                                at_max=True).sum()
+                         for e in range(self.n_endpoints)])
+        hold = np.ones(self.n_endpoints, bool) if grow_only else ~self._clean()
+        return np.where(hold, np.maximum(out, have), out)
+
+    def _clean(self) -> np.ndarray:
+        """Per endpoint: a full late window with lateness within the budget."""
+        assert self.obs is not None
+        if len(self.completions) * self.obs.interval_s < LATE_WINDOW_S:
+            return np.zeros(self.n_endpoints, bool)
+        served = np.sum([c for c, _ in self.completions], axis=0)
+        late = np.sum([x for _, x in self.completions], axis=0)
+        budget = self.correction_config.late_budget
+        return late <= budget * np.maximum(served, 1)
 
     def scale_out(self, view: View) -> bool:
         """Queues build somewhere and nothing is already starting for that endpoint."""
@@ -125,9 +152,13 @@ class ShapingLoop:
         return base * mult
 
     def clocks(self, view: View) -> np.ndarray:
-        """Per GPU locked maximum clock (NaN = unlocked) for every hosting GPU."""
+        """Per GPU locked maximum clock (NaN = unlocked) for every hosting GPU. Until one late
+        window has been observed the correction knows nothing, so nothing is locked."""
         m, w, f = view.cluster.gpu, view.workload, view.fleet
         out = np.full(view.cluster.n_gpus, np.nan)
+        assert self.obs is not None
+        if len(self.completions) * self.obs.interval_s < LATE_WINDOW_S:
+            return out
         ready = f.state == READY
         for e in range(self.n_endpoints):
             mine = f.hosting() & (f.endpoint == e)
@@ -138,7 +169,7 @@ class ShapingLoop:
             clock = configure.lowest_clock_mhz(1, need, cap_max, m, w.decode_share,
                                                self.configure_config) if cap_max > 0 else \
                 m.sm_max_clock_mhz
-            out[mine] = clock
+            out[mine] = max(clock, float(self.clock_floor_mhz[e]))
         out = np.fmin(out, self._ceilings(view))
         hosting = f.hosting()
         out[~hosting] = np.nan

@@ -50,9 +50,6 @@ SHED_MARGIN = 0.03  # caps aim this far below the limit
 # Rebalance settings (RebalanceConfig): no headroom of its own (the closed loop's provision
 # carries the one measured from the demand), the engine's restart budget; MIG off (the simulator
 # models whole-GPU instances only); else the defaults.
-# Before anything was observed (the first plan) the fleet is sized for the current rate x this:
-# no variability or correction is known yet, so the profile is not trusted to the last request.
-INITIAL_PROVISION = 1.5
 MOVES_PER_ROUND_FRAC = 0.1  # at most this share of the SaaS GPUs restarted per rebalance
 MIN_MOVES_PER_ROUND = 4
 
@@ -287,8 +284,11 @@ class ComposedPolicy:
              ) -> InstancePlan:
         c = self.components
         if c.rebalance:
+            # Before anything was observed the loop takes over the fleet as deployed (the
+            # static one): no variability or correction is known yet to shrink it by.
             provision = (self.loop.provision_rps(view, view.workload.count_lead_s, grow_only)
-                         if self.loop is not None else view.demand_rps * INITIAL_PROVISION)
+                         if self.loop is not None
+                         else static_count * view.workload.instance_rps * 0.999)
             return rebalanced_plan(view, provision)
         if not c.config:
             return static_plan(static_count)

@@ -58,9 +58,21 @@ def class_mix(mean_prompt_tokens: float, mean_output_tokens: float
     return ((QueryClass.LISO, a), (QueryClass.SILO, b))
 
 
+def sizing_slo_s(w: Workload) -> float:
+    """The SLO the rebalancer sizes with: the endpoints' own, or, when no profile row is as
+    strict, the strictest the profiles have (otherwise nothing would be sized at all); the
+    capacity correction then measures lateness against the endpoints' real SLO."""
+    slos = [r.slo_p95_s for r in w.profiles if r.model == w.model and r.msrr_rps
+            and r.slo_p95_s is not None]
+    if not slos or any(s <= w.slo_s + 1e-9 for s in slos):
+        return w.slo_s
+    return min(slos)
+
+
 def endpoint_specs(w: Workload, max_instances: int) -> tuple[EndpointSpec, ...]:
+    slo_s = sizing_slo_s(w)
     return tuple(EndpointSpec(
-        name=endpoint_name(e), model=w.model, slo_p95_s=w.slo_s,
+        name=endpoint_name(e), model=w.model, slo_p95_s=slo_s,
         allowed_quantizations=("none", FP8) if w.fp8_allowed[e] else ("none",),
         min_instances=1, max_instances=max(1, min(max_instances, 10_000)))
         for e in range(w.n_endpoints))

@@ -51,13 +51,15 @@ def test_choose_prefers_the_variant_that_costs_less_power() -> None:
 
 
 def test_planning_clock_trades_at_most_the_allowed_extra_gpus() -> None:
+    assert configure.planning_clock_mhz(A100, 0.7, CFG) == A100.sm_max_clock_mhz  # default 0
+    cfg = configure.ConfigureConfig(max_extra_gpu_frac=0.15)
     for decode in (0.25, 0.7, 0.95):
-        clock = configure.planning_clock_mhz(A100, decode, CFG)
+        clock = configure.planning_clock_mhz(A100, decode, cfg)
         rel = configure.capacity_at_clock(1.0, clock, A100, decode)
-        assert rel >= 1 / (1 + CFG.max_extra_gpu_frac) - 1e-9
+        assert rel >= 1 / (1 + cfg.max_extra_gpu_frac) - 1e-9
     # Decode-bound work can run slower than prompt-bound work for the same loss.
-    assert configure.planning_clock_mhz(A100, 0.95, CFG) < configure.planning_clock_mhz(
-        A100, 0.25, CFG)
+    assert configure.planning_clock_mhz(A100, 0.95, cfg) < configure.planning_clock_mhz(
+        A100, 0.25, cfg)
 
 
 def test_variant_change_must_pay_for_its_restart() -> None:
