@@ -25,7 +25,8 @@ from nodeagent.gpu import physics
 from simulator.observe import Observation
 from simulator.state import READY, View
 
-COUNT_WINDOW_S = 300.0  # arrivals the count forecast fits
+COUNT_WINDOW_S = 600.0  # arrivals the count forecast fits (rises are counted over all of it)
+LEVEL_WINDOW_S = 75.0  # the recent arrivals its level averages
 CLOCK_WINDOW_S = 60.0  # arrivals the clock forecast fits
 LATE_WINDOW_S = 60.0  # lateness is judged over this many seconds of completions
 SATURATED_SCALE_OUT = 0.25
@@ -119,7 +120,7 @@ class ShapingLoop:
             return view.demand_rps  # before the first observation (the caller adds headroom)
         rel = self._planning_rel(view)
         for e in range(self.n_endpoints):
-            f = self._forecast(e, COUNT_WINDOW_S, lead_s)
+            f = self._forecast(e, COUNT_WINDOW_S, lead_s, LEVEL_WINDOW_S)
             out[e] = f.provision_rps / max(self.factor(e), 1e-6) / rel
         live = (view.fleet.state == READY) | (view.fleet.state == 1)
         have = np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
@@ -193,11 +194,13 @@ class ShapingLoop:
 
     # ---------------- helpers ----------------
 
-    def _forecast(self, e: int, window_s: float, lead_s: float) -> capacity.Forecast:
+    def _forecast(self, e: int, window_s: float, lead_s: float, level_s: float = 0.0
+                  ) -> capacity.Forecast:
         assert self.obs is not None
         bins = max(3, round(window_s / self.obs.interval_s))
         rates = self.obs.arrival_rates_rps[-bins:, e]
-        return capacity.forecast(rates, self.obs.interval_s, lead_s)
+        return capacity.forecast(rates, self.obs.interval_s, lead_s,
+                                 level_bins=round(level_s / self.obs.interval_s))
 
     def _planning_rel(self, view: View) -> float:
         m, w = view.cluster.gpu, view.workload

@@ -50,6 +50,7 @@ SHED_MARGIN = 0.03  # caps aim this far below the limit
 # Rebalance settings (RebalanceConfig): no headroom of its own (the closed loop's provision
 # carries the one measured from the demand), the engine's restart budget; MIG off (the simulator
 # models whole-GPU instances only); else the defaults.
+HYSTERESIS_S = 120.0
 MOVES_PER_ROUND_FRAC = 0.1  # at most this share of the SaaS GPUs restarted per rebalance
 MIN_MOVES_PER_ROUND = 4
 
@@ -177,9 +178,11 @@ def static_plan(static_count: np.ndarray) -> InstancePlan:
 def rebalance_config(view: View, initial: bool) -> RebalanceConfig:
     saas_gpus = int((~view.opaque).sum())
     moves = max(MIN_MOVES_PER_ROUND, round(MOVES_PER_ROUND_FRAC * saas_gpus))
+    # Hysteresis: the closed loop only lets an endpoint shrink after a clean late window
+    # (simulator/control.py), so the rebalancer's own brake is short: four rebalance intervals.
     return RebalanceConfig(headroom_frac=0.0,
                            max_restarts_per_round=saas_gpus if initial else moves,
-                           allow_mig=False)
+                           allow_mig=False, hysteresis_s=HYSTERESIS_S)
 
 
 def rebalanced_plan(view: View, provision_rps: np.ndarray) -> InstancePlan:

@@ -7,7 +7,9 @@ mean of the recent bins, the trend a least-squares slope over the window (only g
 projected: the capacity being provisioned must serve until the next one can start), and the
 headroom z x sigma, sigma the standard deviation of the bins around that fit. So a smooth
 trace gets little headroom and a bursty one more, with no constant fitted to either; z is the
-normal quantile of the share of intervals allowed to run short (default 1%).
+normal quantile of the share of intervals allowed to run short (default 1%). A demand that
+jumps between levels is covered by the quantile of the rises seen within one lead time (the
+time new capacity takes to serve), whichever of the three is larger.
 
 Correction (`update_correction`, as NVIDIA Dynamo's SLA planner corrects its profiles): when
 most of an endpoint's instances are saturated (a full batch and requests waiting), what they
@@ -34,7 +36,8 @@ class Forecast:
     level_rps: float
     trend_rps_per_s: float
     sigma_rps: float
-    provision_rps: float  # level + projected growth over the lead time + z x sigma
+    provision_rps: float  # level + the larger of: projected growth, a likely rise, z x sigma
+    rise_rps: float = 0.0  # the (1 - short_fraction) quantile of rises over the lead time
 
 
 def forecast(rates_rps: Sequence[float] | np.ndarray, bin_s: float, lead_s: float,
@@ -53,7 +56,16 @@ def forecast(rates_rps: Sequence[float] | np.ndarray, bin_s: float, lead_s: floa
     slope, sigma = _fit(r, bin_s)
     z = NormalDist().inv_cdf(1.0 - short_fraction)
     growth = max(slope, 0.0) * (lead_s + 0.5 * k * bin_s)  # the level lags by half its window
-    return Forecast(level, slope, sigma, level + growth + z * sigma)
+    rise = _rise(r, max(1, round(lead_s / bin_s)), 1.0 - short_fraction)
+    return Forecast(level, slope, sigma, level + max(growth, rise, z * sigma), rise)
+
+
+def _rise(r: np.ndarray, lag: int, q: float) -> float:
+    """How much the rate rose within `lag` bins, at quantile q, over the history: the jump a
+    level-switching (bursty) demand makes before new capacity can serve. 0 without history."""
+    if len(r) <= lag + 2:
+        return 0.0
+    return max(float(np.quantile(r[lag:] - r[:-lag], q)), 0.0)
 
 
 def _fit(r: np.ndarray, bin_s: float) -> tuple[float, float]:
