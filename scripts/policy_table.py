@@ -16,7 +16,7 @@ TARGETS = (("peak_row_power_w", 0.80, "peak row power"), ("max_gpu_temp_c", 0.85
 
 def row(path: Path) -> str:
     doc = json.loads(path.read_text())
-    pols = doc["policies"] if "policies" in doc else doc
+    pols = doc.get("policies", doc)
     base, ours = pols["baseline"], pols["shapeshifter"]
     cells = [path.parent.name]
     for key, target, _ in TARGETS:

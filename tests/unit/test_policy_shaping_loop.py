@@ -158,7 +158,7 @@ def test_routing_first_then_clocks_take_the_rest() -> None:
 
 
 def test_a_hot_gpu_gets_less_load_and_a_clock_ceiling() -> None:
-    cfg = shaping.ShapingConfig(thermal_guard_c=6.0)
+    cfg = shaping.ShapingConfig(thermal_guard_c=6.0, min_weight=0.1)
     slowdown = A100.thermal.slowdown_c
     temps = np.array([slowdown - 20.0, slowdown - 2.0])
     w = shaping.thermal_weights(temps, slowdown, cfg)

@@ -39,7 +39,11 @@ def started(eng: Engine, demand_x: float = 1.0) -> View:
     """The engine after its initial plan (sized for demand x demand_x), as a view."""
     view = eng._view(0.0)
     view = replace(view, demand_rps=view.demand_rps * demand_x)
-    eng._apply_plan(eng.policy.plan(view, eng.static_count), 0.0, initial=True)
+    if eng.policy.components.rebalance:  # sized from the demand, not the deployed fleet
+        plan = rebalanced_plan(view, view.demand_rps * 1.5)
+    else:
+        plan = eng.policy.plan(view, eng.static_count)
+    eng._apply_plan(plan, 0.0, initial=True)
     return eng._view(0.0)
 
 
@@ -99,7 +103,7 @@ def test_rebalance_starts_land_on_free_gpus_and_stops_wait_for_them(trace) -> No
     view = started(eng, demand_x=0.2)
     hosting_before = int(view.fleet.hosting().sum())
     # demand x5 of what it was sized for
-    plan = rebalanced_plan(replace(view, t_s=60.0), view.demand_rps * 1.1)
+    plan = rebalanced_plan(replace(view, t_s=60.0), view.demand_rps * 5)
     assert plan.actions is not None and plan.actions.starts
     free = ~view.fleet.hosting() & ~view.opaque
     assert all(free[g] for g, _, _ in plan.actions.starts)
