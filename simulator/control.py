@@ -32,6 +32,8 @@ LATE_WINDOW_S = 60.0  # lateness is judged over this many seconds of completions
 SATURATED_SCALE_OUT = 0.25
 # Per endpoint clock floor, closed on measured lateness: a lower clock stretches every request
 # (prefill is compute-bound), which no instance count cures. Up fast on lateness, down slowly.
+# Scale in slowly (DynamoLLM): at most this share of an endpoint's capacity per rebalance.
+MAX_SCALE_IN_FRAC = 0.1
 FLOOR_UP_MHZ = 120.0
 FLOOR_DOWN_MHZ = 15.0  # this share of an endpoint's instances saturated: scale out now
 
@@ -114,7 +116,8 @@ class ShapingLoop:
         """Per endpoint, the rate (in profiled capacity at the maximum clock) to provision.
         `grow_only` (a scale-out between rebalance intervals): no endpoint is sized below what
         it has, so that plan only adds capacity. Scale-in needs evidence: an endpoint whose
-        last late window is not clean (or not yet full) keeps at least what it has."""
+        last late window is not clean (or not yet full) keeps at least what it has, and a
+        clean one sheds at most MAX_SCALE_IN_FRAC of it per plan."""
         out = np.zeros(self.n_endpoints)
         if self.obs is None:
             return view.demand_rps  # before the first observation (the caller adds headroom)
@@ -127,7 +130,8 @@ class ShapingLoop:
                                                 at_max=True).sum()
                          for e in range(self.n_endpoints)])
         hold = np.ones(self.n_endpoints, bool) if grow_only else ~self._clean()
-        return np.where(hold, np.maximum(out, have), out)
+        return np.where(hold, np.maximum(out, have),
+                        np.maximum(out, have * (1.0 - MAX_SCALE_IN_FRAC)))
 
     def _clean(self) -> np.ndarray:
         """Per endpoint: a full late window with lateness within the budget."""
