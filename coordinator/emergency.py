@@ -77,7 +77,9 @@ class EmergencySettings:
     clear_jitter_frac: float = 0.5  # each step waits clear_step_s * (1 + U(0, this))
     hysteresis_frac: float = 0.05
     prearm_interval_s: float = 10.0
-    detect_after_s: float = 0.0  # 0 = no automatic detection
+    # A row over its limit (an aisle over its airflow) this long is acted on without a human:
+    # three reports at the default 1 s interval, so one noisy sample does not declare. 0 = off.
+    detect_after_s: float = 3.0
     detect_hot_headroom_c: float = 3.0  # a GPU this close to slowdown makes its node "hot"
     detect_hot_nodes_frac: float = 0.5  # this share of an aisle's nodes hot: a cooling signal
     reconfigure_after_s: float = 300.0  # still active this long -> rebalance plan; 0 = never
@@ -161,6 +163,9 @@ class EmergencyController:
     def declare(self, scope: str, name: str, kind: str, capacity_frac: float, capacity_w: float,
                 capacity_cfm: float, source: str, note: str, actor: str) -> EmergencyView:
         kind = kind or ("cooling" if scope == "aisle" else "power")
+        auto = self._auto_on(scope, name, kind)
+        if auto is not None and source != "auto":
+            return self._supersede(auto, capacity_frac, capacity_w, source, note, actor)
         normal = self._validate(scope, name, kind, capacity_frac, capacity_w, capacity_cfm)
         frac = capacity_frac or (capacity_w or capacity_cfm) / normal
         new_limit = normal * frac
@@ -210,6 +215,32 @@ class EmergencyController:
         self._audit(live, "ClearEmergency", actor, note)
         live.task = self._spawn(self._clear_steps(live))
         return self.view(emergency_id, with_timeline=False)
+
+    def _auto_on(self, scope: str, name: str, kind: str) -> _Live | None:
+        """The active automatic power emergency on this scope, if one is in force."""
+        for live in self._live.values():
+            r = live.rec
+            if (r.state == ACTIVE and r.source == "auto" and kind == "power" == r.kind
+                    and (r.scope, r.name) == (scope, name) and not live.resume_pending):
+                return live
+        return None
+
+    def _supersede(self, live: _Live, capacity_frac: float, capacity_w: float, source: str,
+                   note: str, actor: str) -> EmergencyView:
+        """A declaration (a UPS failure, say) on a scope that automatic detection already caps:
+        the automatic emergency takes the declared limit in place and the declared source, so
+        the caps never lift in between (clearing first would)."""
+        r = live.rec
+        if bool(capacity_frac) == bool(capacity_w):
+            raise errors.InvalidArgument("give exactly one of capacity_frac, capacity_w",
+                                         field="capacity")
+        if capacity_frac and not 0.0 < capacity_frac <= 1.0:
+            raise errors.out_of_range("capacity_frac", capacity_frac, 0.0, 1.0)
+        limit_w = capacity_w or r.normal_limit * capacity_frac
+        view = self.adjust(r.emergency_id, limit_w, note, actor)
+        r.source = source or "operator"
+        self._store.save(r)
+        return view
 
     def adjust(self, emergency_id: str, power_limit_w: float, note: str,
                actor: str) -> EmergencyView:

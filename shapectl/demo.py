@@ -202,6 +202,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             from shapectl.emergency_cmds import status_json as emergency_json
 
             out["emergency"] = emergency_json(ups.status)
+        if ups.auto:
+            from shapectl.emergency_cmds import status_json as emergency_json
+
+            out["auto_emergencies"] = [emergency_json(e) for e in ups.auto]
         print(json.dumps(out))
     return 0 if final is not None else 1
 
@@ -218,6 +222,7 @@ class UpsScript:
         self._declared_mono_s: float | None = None
         self._cleared = False
         self.error = ""
+        self.auto: list[Any] = []  # emergencies the coordinator declared itself (source auto)
 
     def step(self, since_all_up_s: float) -> None:
         """Call each refresh; since_all_up_s counts from the moment every node reported."""
@@ -236,6 +241,12 @@ class UpsScript:
         if self.emergency_id and not self.error:
             self._call(lambda stub: setattr(self, "status", stub.GetEmergency(
                 epb.GetEmergencyRequest(emergency_id=self.emergency_id), timeout=5)))
+        if not self.error:
+            self._call(self._list_auto)
+
+    def _list_auto(self, stub: Any) -> None:
+        listed = stub.ListEmergencies(epb.ListEmergenciesRequest(active_only=False), timeout=5)
+        self.auto = [e for e in listed.emergencies if e.source == "auto"]
 
     def _declare(self, stub: Any) -> None:
         status = stub.DeclareEmergency(epb.DeclareEmergencyRequest(
@@ -254,6 +265,12 @@ class UpsScript:
     def view(self) -> Any:
         if self.error:
             return Text(f"UPS script: {self.error}", style="bold red")
+        from shapectl.emergency_cmds import summary_text
+
+        auto = [Text("automatic: " + summary_text(e), style="bold magenta") for e in self.auto]
+        return Group(*auto, self._ups_view())
+
+    def _ups_view(self) -> Any:
         if self.status is None:
             when = ("never" if self._fail_at_s < 0
                     else f"{self._fail_at_s:g} s after all nodes report")

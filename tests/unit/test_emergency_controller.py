@@ -40,7 +40,9 @@ sites:
   - {{name: r2, row_power_limit_w: 1e6, racks: [{{name: k2, aisle: a2}}, {{name: k3, aisle: a2}}]}}
 """
 RACKS = {"n1": ("r1", "k1", "a1"), "n2": ("r2", "k2", "a2"), "n3": ("r2", "k3", "a2")}
-QUIET = {"prearm_interval_s": 3600.0, "phase2_after_s": 0.0, "reconfigure_after_s": 0.0}
+# Detection is on by default; these tests declare by hand and switch it off unless they test it.
+QUIET = {"prearm_interval_s": 3600.0, "phase2_after_s": 0.0, "reconfigure_after_s": 0.0,
+         "detect_after_s": 0.0}
 
 
 @dataclass
@@ -141,15 +143,41 @@ def test_row_over_its_limit_for_the_configured_time_declares_an_auto_emergency(
     run(scenario)
 
 
-def test_detection_is_off_by_default(tmp_path: Path) -> None:
-    r = rig(tmp_path)
+def test_detection_is_on_by_default_and_zero_switches_it_off(tmp_path: Path) -> None:
+    default_s = EmergencySettings().detect_after_s
+    assert default_s > 0
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    on = rig(tmp_path / "on", detect_after_s=default_s)
+    off = rig(tmp_path / "off")  # QUIET: detect_after_s=0
 
     async def scenario() -> None:
-        r.report("n1", 5000.0)
-        for _ in range(3):
+        for r in (on, off):
+            r.report("n1", 5000.0)
+            for _ in range(3):
+                r.ctl.tick()
+                r.clock.advance(default_s)
             r.ctl.tick()
-            r.clock.advance(1000.0)
-        assert r.ctl.list(active_only=False) == []
+        (view,) = on.ctl.list(active_only=False)
+        assert view.rec.source == "auto"
+        assert off.ctl.list(active_only=False) == []
+
+    run(scenario)
+
+
+def test_a_declaration_supersedes_the_automatic_emergency_in_place(tmp_path: Path) -> None:
+    r = rig(tmp_path, detect_after_s=1.0)
+
+    async def scenario() -> None:
+        r.report("n1", 2500.0)
+        r.ctl.tick()
+        r.clock.advance(1.0)
+        r.ctl.tick()
+        (auto,) = r.ctl.list(active_only=False)
+        view = r.ctl.declare("row", "r1", "power", 0.75, 0.0, 0.0, "ups", "UPS 2 down", "op")
+        assert view.rec.emergency_id == auto.rec.emergency_id  # the same one, not cleared
+        assert view.rec.source == "ups" and view.rec.power_limit_w == 0.75 * ROW_LIMIT_W
+        assert len(r.ctl.list(active_only=False)) == 1
 
     run(scenario)
 
