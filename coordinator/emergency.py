@@ -10,6 +10,9 @@ established streams and records everything in the emergency's timeline (SQLite) 
 - Verification (every tick): scope power from the latest reports; nodes that did not acknowledge,
   answered with a failure, reconnected, or report a limit above their cap get their caps again.
 - Escalation: when the cut cannot reach the target, best-effort instances are stopped.
+- Tightening: an active emergency whose scope is over its limit again for retighten_after_s
+  (every node acknowledged its caps) gets a new cut from the latest reports; a GPU's cap only
+  ever goes down that way (the lower of its cap now and the new plan's).
 - Phase 2: once under the limit for phase2_after_s, capped GPUs get their clocks locked at the
   highest clock whose predicted draw fits the cap (a steady point instead of cap throttling).
   Routing: `cuts()` lowers the rebalancer's limits (routes, placement, plans) to the emergency's
@@ -24,11 +27,15 @@ established streams and records everything in the emergency's timeline (SQLite) 
   moves in place, caps recomputed without lifting any in between (clear + declare would).
 - Pre-arming (every prearm_interval_s, and at once for a (re)connected node): each node gets the
   caps of its row's Phase 1 plan at each severity.
-- Detection: a row drawing above its limit (an aisle above its airflow limit) for detect_after_s
-  declares an emergency at capacity 1.0 with source "auto". So does an aisle where at least
-  detect_hot_nodes_frac of the reporting nodes have a GPU within detect_hot_headroom_c of its
-  slowdown temperature for that long: one hot GPU is its agent's thermal guard's business (a
-  local fault), many hot nodes in one aisle point at its cooling.
+- Detection (on by default, detect_after_s 3 s; 0 = off): a row drawing above its limit (an
+  aisle above its airflow limit) for detect_after_s declares an emergency at capacity 1.0 with
+  source "auto". So does an aisle where at least detect_hot_nodes_frac of the reporting nodes
+  have a GPU within detect_hot_headroom_c of its slowdown temperature for that long: one hot GPU
+  is its agent's thermal guard's business (a local fault), many hot nodes in one aisle point at
+  its cooling. Nothing is declared on a scope sharing a node with an emergency in force (an
+  agent holds one emergency ceiling per GPU). An automatic emergency stays until cleared; a
+  later declaration of a power emergency on its row (a UPS failure, a parent's row limit) takes
+  it over in place (`_supersede`: adjusted to the declared limit, caps never lifted).
 - issued_s / acked_s describe Phase 1: declaration -> every node's first emergency caps issued /
   acknowledged (later re-issues and clearing steps do not move them).
 """
@@ -60,6 +67,7 @@ SCOPES = ("row", "aisle", "site")
 KINDS = ("power", "cooling")
 RESUME_WAIT_S = 10.0  # after a restart, how long an emergency waits for its nodes' reports
 ACTIVE, CLEARING, CLEARED = "active", "clearing", "cleared"
+AUTO_SOURCE = "auto"  # the source of the emergencies detection declares
 CAP_TOLERANCE_W = 1.0
 
 
@@ -83,6 +91,9 @@ class EmergencySettings:
     detect_hot_headroom_c: float = 3.0  # a GPU this close to slowdown makes its node "hot"
     detect_hot_nodes_frac: float = 0.5  # this share of an aisle's nodes hot: a cooling signal
     reconfigure_after_s: float = 300.0  # still active this long -> rebalance plan; 0 = never
+    # Active, every node acknowledged, and the scope over its emergency limit again this long
+    # (the load rose on GPUs the caps left alone) -> tighter caps. 0 = never.
+    retighten_after_s: float = 3.0
 
 
 class Replanner(Protocol):
@@ -116,6 +127,7 @@ class _Live:
     events: list[Event] = field(default_factory=list)
     under_limit_unix_s: float | None = None
     under_since_mono_s: float | None = None
+    over_since_mono_s: float | None = None  # active and over the limit since (see _tighten)
     phase2_locked: dict[str, list[int]] = field(default_factory=dict)
     phase2_done: bool = False
     reconfigured: bool = False
@@ -164,7 +176,7 @@ class EmergencyController:
                 capacity_cfm: float, source: str, note: str, actor: str) -> EmergencyView:
         kind = kind or ("cooling" if scope == "aisle" else "power")
         auto = self._auto_on(scope, name, kind)
-        if auto is not None and source != "auto":
+        if auto is not None and source != AUTO_SOURCE:
             return self._supersede(auto, capacity_frac, capacity_w, source, note, actor)
         normal = self._validate(scope, name, kind, capacity_frac, capacity_w, capacity_cfm)
         frac = capacity_frac or (capacity_w or capacity_cfm) / normal
@@ -220,7 +232,7 @@ class EmergencyController:
         """The active automatic power emergency on this scope, if one is in force."""
         for live in self._live.values():
             r = live.rec
-            if (r.state == ACTIVE and r.source == "auto" and kind == "power" == r.kind
+            if (r.state == ACTIVE and r.source == AUTO_SOURCE and kind == "power" == r.kind
                     and (r.scope, r.name) == (scope, name) and not live.resume_pending):
                 return live
         return None
@@ -271,6 +283,7 @@ class EmergencyController:
         r.note, r.shortfall_w = note or r.note, plan.shortfall_w
         self._reset_clocks(live)
         live.phase2_done, live.under_since_mono_s, live.under_limit_unix_s = False, None, None
+        live.over_since_mono_s = None  # tightening waits for reports under the new caps
         live.base_caps = caps
         live.caps = {rec.node_id: dict(caps.get(rec.node_id, {})) for rec in nodes}
         self._event(live, "adjusted", detail={
@@ -595,6 +608,8 @@ class EmergencyController:
             if reason:
                 self._event(live, "caps_reissued", node_id, {"reason": reason})
                 self._issue(live, rec, active=live.rec.state != CLEARED)
+        if self._tighten_due(live, by_id, now_mono_s):
+            self._tighten(live, list(by_id.values()), now_mono_s)
         if (live.rec.state == ACTIVE and not live.phase2_done and self._s.phase2_after_s > 0
                 and live.under_since_mono_s is not None
                 and now_mono_s - live.under_since_mono_s >= self._s.phase2_after_s):
@@ -631,8 +646,49 @@ class EmergencyController:
             if live.under_limit_unix_s is None:
                 live.under_limit_unix_s = self._core.clock.time()
                 self._event(live, "under_limit", detail={"scope_power_w": round(power_w, 1)})
+            live.over_since_mono_s = None
         else:
             live.under_since_mono_s = None
+            if live.over_since_mono_s is None:
+                live.over_since_mono_s = now_mono_s
+
+    def _tighten_due(self, live: _Live, by_id: dict[str, NodeRecord], now_mono_s: float
+                     ) -> bool:
+        """Over the limit for retighten_after_s, every connected node's caps acknowledged and
+        reported on since (caps still on their way are no reason to cut more)."""
+        if (live.rec.state != ACTIVE or self._s.retighten_after_s <= 0
+                or live.over_since_mono_s is None
+                or now_mono_s - live.over_since_mono_s < self._s.retighten_after_s):
+            return False
+        for node_id, t in live.tracks.items():
+            rec = by_id.get(node_id)
+            if rec is None or t.session is None or t.session.closed:
+                continue
+            if t.acked_unix_s is None or rec.report_received_unix_s < t.acked_unix_s + 0.5:
+                return False
+        return True
+
+    def _tighten(self, live: _Live, nodes: list[NodeRecord], now_mono_s: float) -> None:
+        """A new cut at the same limit from the latest reports; each GPU keeps the lower of its
+        cap now and the new plan's. Phase 2 clock locks are reset and redone under the new caps."""
+        live.over_since_mono_s = now_mono_s  # the next one waits for reports under these caps
+        plan = policy.shed(self._snapshot(nodes), live.rec.power_limit_w, self._s.margin_frac)
+        lower = _lower_caps(live.caps, plan.caps_by_node())
+        if not lower:
+            return  # nothing left to cut by capping (escalation was Phase 1's)
+        for node_id, caps in lower.items():
+            live.caps.setdefault(node_id, {}).update(caps)
+            live.base_caps.setdefault(node_id, {}).update(caps)
+        live.max_w.update({(r.node_id, g.index): g.power_limit_max_w for r in nodes
+                           if r.report is not None for g in r.report.gpus})
+        self._reset_clocks(live)
+        live.phase2_done = False
+        self._event(live, "caps_tightened", detail={
+            "scope_power_w": round(self._scope_power_w(live), 1),
+            "expected_w": round(plan.expected_w, 1), "gpus": sum(map(len, lower.values()))})
+        for rec in nodes:
+            if rec.node_id in lower:
+                self._issue(live, rec)
 
     def _phase2(self, live: _Live, nodes: list[NodeRecord]) -> None:
         locks = 0
@@ -831,11 +887,23 @@ class EmergencyController:
         for key, (kind, note) in over.items():
             since = self._over_since.setdefault(key, now_mono_s)
             _, scope, name = key
-            busy = any(lv.rec.state != CLEARED and (lv.rec.scope, lv.rec.name) == (scope, name)
-                       for lv in self._live.values())
-            if now_mono_s - since >= self._s.detect_after_s and not busy:
-                self.declare(scope, name, kind, 1.0, 0.0, 0.0, "auto",
+            if now_mono_s - since >= self._s.detect_after_s and not self._covered(scope, name):
+                self.declare(scope, name, kind, 1.0, 0.0, 0.0, AUTO_SOURCE,
                              f"{note} for {now_mono_s - since:.0f} s", "coordinator")
+
+    def _covered(self, scope: str, name: str) -> bool:
+        """An emergency not yet cleared on this scope, or on one that shares a node with it: an
+        agent holds one emergency ceiling per GPU, so a second emergency on the same nodes would
+        overwrite the first one's caps (and the two would re-issue against each other)."""
+        nodes = {r.node_id for r in self._scope_nodes(scope, name)}
+        for live in self._live.values():
+            r = live.rec
+            if r.state == CLEARED:
+                continue
+            if (r.scope, r.name) == (scope, name) or nodes & {
+                    n.node_id for n in self._scope_nodes(r.scope, r.name)}:
+                return True
+        return False
 
     def _signals(self) -> list[tuple[str, str, str, str, str]]:
         """(signal, scope, name, kind, note) for each scope over a limit now."""
@@ -927,6 +995,17 @@ def _gpu_states(node_id: str, node: agent_pb2.Node) -> list[policy.GpuState]:
     return out
 
 
+def _lower_caps(current: dict[str, dict[int, float]], proposed: dict[str, dict[int, float]]
+                ) -> dict[str, dict[int, float]]:
+    """The proposed caps that are lower than the ones in force (a GPU without a cap has none)."""
+    out: dict[str, dict[int, float]] = {}
+    for node_id, caps in proposed.items():
+        for index, cap_w in caps.items():
+            if cap_w < current.get(node_id, {}).get(index, float("inf")) - CAP_TOLERANCE_W:
+                out.setdefault(node_id, {})[index] = cap_w
+    return out
+
+
 def _hot_node(node: agent_pb2.Node, headroom_c: float) -> bool:
     """A GPU within headroom_c of its slowdown temperature (reported, else its model's)."""
     for g in node.gpus:
@@ -982,7 +1061,15 @@ _OPTIONS = (  # flag suffix, settings field, low, high
     ("detect-hot-headroom-c", "detect_hot_headroom_c", 0.0, 30.0),
     ("detect-hot-nodes-frac", "detect_hot_nodes_frac", 0.01, 1.0),
     ("reconfigure-after-s", "reconfigure_after_s", 0.0, 86400.0),
+    ("retighten-after-s", "retighten_after_s", 0.0, 3600.0),
 )
+_HELP = {
+    "detect_after_s": "seconds a row (aisle) must stay over its power (airflow) limit, or an "
+                      "aisle's nodes hot, before the coordinator declares an emergency itself "
+                      "(source auto, capacity 1.0); 0 = no automatic detection",
+    "retighten_after_s": "seconds an active emergency's scope may stay over its limit again "
+                         "before its caps are cut further; 0 = never",
+}
 
 
 def add_emergency_args(p: Any) -> None:
@@ -990,7 +1077,8 @@ def add_emergency_args(p: Any) -> None:
     for flag, name, low, high in _OPTIONS:
         p.add_argument(f"--emergency-{flag}", dest=f"emergency_{name}", type=float,
                        default=getattr(defaults, name), metavar="X",
-                       help=f"emergency {name.replace('_', ' ')} [{low:g}, {high:g}]")
+                       help=f"{_HELP.get(name, 'emergency ' + name.replace('_', ' '))} "
+                            f"[{low:g}, {high:g}] (default {getattr(defaults, name):g})")
 
 
 def emergency_settings_from_args(args: Any) -> EmergencySettings:

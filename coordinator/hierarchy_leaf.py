@@ -9,8 +9,9 @@ sends its rows' rollups; every RowLimits it gets is enforced through the emergen
   capacity_w = the limit (declared, or adjusted in place: EmergencyController.adjust, so the
   caps are never lifted in between);
 - a limit back at normal: that emergency is cleared (the controller's clearing ladder);
-- emergencies declared locally (an operator's, an automatic one) are never touched: a stricter
-  one is kept and acknowledged as enforcing the limit, a milder one is reported as blocking it.
+- an operator's emergency is never touched: a stricter one is kept and acknowledged as
+  enforcing the limit, a milder one is reported as blocking it; an automatic one (the leaf's
+  own detection) is taken over: the declaration moves it to the parent's limit in place.
 
 The enforcement is level-triggered (every reconcile interval, whether or not the parent is
 reachable): an emergency that could not be adjusted yet (clearing, resuming after a restart) or
@@ -29,7 +30,7 @@ import grpc
 import structlog
 
 from coordinator.core import CoordinatorCore
-from coordinator.emergency import EmergencyController, EmergencyView
+from coordinator.emergency import AUTO_SOURCE, EmergencyController, EmergencyView
 from coordinator.hierarchy_policy import (
     ADJUST,
     CLEAR,
@@ -196,7 +197,8 @@ class LeafEnforcer:
 
     def _in_force(self, name: str) -> list[InForce]:
         return [InForce(v.rec.emergency_id, v.rec.power_limit_w, v.rec.state,
-                        v.rec.source == SOURCE, self._em.resuming(v.rec.emergency_id))
+                        v.rec.source == SOURCE, self._em.resuming(v.rec.emergency_id),
+                        v.rec.source == AUTO_SOURCE)
                 for v in self._em.in_force("row", name)]
 
     def _enforcing(self, name: str) -> EmergencyView | None:

@@ -93,6 +93,7 @@ class InForce:
     state: str  # active | clearing
     ours: bool  # declared by this leaf for the parent (source "parent")
     resuming: bool = False  # found at start, waiting for the row's reports (not adjustable yet)
+    auto: bool = False  # declared by the leaf's own detection (source "auto")
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,13 @@ class RowStep:
 
 def row_step(limit_w: float, normal_w: float, in_force: Sequence[InForce]) -> RowStep:
     """What a leaf does on a row for the parent's limit, given the emergencies in force there.
-    Local emergencies (an operator's, an automatic one) are never touched: a stricter one
-    enforces the parent's limit as well; a milder one blocks it (the controller allows one
-    power emergency per row) and is reported as such."""
+    An operator's emergency is never touched: a stricter one enforces the parent's limit as
+    well; a milder one blocks it (the controller allows one power emergency per row) and is
+    reported as such. An automatic one (detection, at the row's normal limit) is taken over by
+    declaring: the controller moves it to the parent's limit in place (its caps never lift)."""
     ours = next((e for e in in_force if e.ours), None)
-    local = next((e for e in in_force if not e.ours), None)
+    local = next((e for e in in_force if not e.ours and not e.auto), None)
+    auto = next((e for e in in_force if e.auto), None)
     if limit_w >= normal_w - LIMIT_TOLERANCE_W:
         if ours is not None and ours.state == "active":
             return RowStep(CLEAR, ours.emergency_id)
@@ -119,8 +122,12 @@ def row_step(limit_w: float, normal_w: float, in_force: Sequence[InForce]) -> Ro
         return RowStep(BLOCKED_LOCAL, local.emergency_id,
                        f"local emergency {local.emergency_id} at {local.power_limit_w:.0f} W is "
                        f"milder than the parent's {limit_w:.0f} W and is not changed by the leaf")
+    if ours is None and auto is not None and (auto.state != "active" or auto.resuming):
+        why = "clearing" if auto.state != "active" else "resuming after a restart"
+        return RowStep(PENDING, auto.emergency_id,
+                       f"automatic emergency {auto.emergency_id} is {why}")
     if ours is None:
-        return RowStep(DECLARE)
+        return RowStep(DECLARE, auto.emergency_id if auto is not None else "")
     if ours.state != "active" or ours.resuming:
         why = "clearing" if ours.state != "active" else "resuming after a restart"
         return RowStep(PENDING, ours.emergency_id, f"emergency {ours.emergency_id} is {why}")

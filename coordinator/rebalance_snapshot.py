@@ -10,7 +10,9 @@
 - `build_snapshot` / `limits_of`: NodeState, GpuState, MigSlice, InstanceState from the latest
   reports; row power and aisle airflow limits from the topology, each lowered by the active
   emergencies (`ScopeCut`: effective limit = min(topology limit, normal x capacity)). A GPU whose
-  agent reports an emergency power ceiling below its maximum carries it as emergency_cap_w.
+  agent reports an emergency power ceiling below its maximum carries it as emergency_cap_w, and
+  one with its clocks locked the lock's upper clock as sm_clock_locked_mhz (instances stay at
+  sm_clock_mhz None: the rebalance policy sizes counts at the maximum clock).
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ def node_state(rec: NodeRecord, topology: Topology) -> NodeState:
     gpus = tuple(GpuState(
         g.index, g.gpu_type, g.power_draw_w, g.temperature_c, g.mig_enabled,
         tuple(MigSlice(m.profile, m.uuid, m.uuid in used) for m in g.mig_instances),
-        g.healthy, emergency_cap_w=emergency_cap_w(g)) for g in node.gpus)
+        g.healthy, emergency_cap_w=emergency_cap_w(g), sm_clock_locked_mhz=locked_clock_mhz(g))
+        for g in node.gpus)
     return NodeState(rec.node_id, row, aisle, gpus, inlet_c, node.budget.node_power_w,
                      node.budget.airflow_cfm, placement.rack if placement else "")
 
@@ -236,6 +239,11 @@ def emergency_cap_w(gpu: agent_pb2.Gpu) -> float:
     capped = (gpu.power_ceiling_source.startswith("emergency") and gpu.power_ceiling_w > 0
               and gpu.power_ceiling_w < gpu.power_limit_max_w - CAP_TOLERANCE_W)
     return gpu.power_ceiling_w if capped else 0.0
+
+
+def locked_clock_mhz(gpu: agent_pb2.Gpu) -> int | None:
+    """The upper SM clock of the lock the agent reports in force; None = unlocked."""
+    return (gpu.clock_lock.max_mhz or None) if gpu.HasField("clock_lock") else None
 
 
 def instance_states(node_id: str, node: agent_pb2.Node, decls: Mapping[str, EndpointDecl]

@@ -7,8 +7,13 @@ and executes a plan stage by stage:
 
 - each stage: one agent Plan per node, sent over the nodes' streams in parallel (MIG mode and
   layout actions first, then, once the node reports its new slices, the instance actions);
-- verification from reports: started instances READY, stopped ones gone; a failed action, a
-  FAILED instance or a verification timeout pauses the plan with the reason;
+- verification from reports: started instances READY, stopped ones gone, locked clocks shown
+  on their GPUs (reset ones unlocked); a failed action, a FAILED instance or a verification
+  timeout pauses the plan with the reason;
+- the last stage locks the clocks of the endpoints the plan leaves as they are at the lowest
+  clock that covers their demand x (1 + headroom) (policy.clocks, policy.configure.clock_plan),
+  skipping GPUs under an emergency cap (the emergency's Phase 2 owns their clocks); a plan with
+  only clock actions is a plan like any other (kept for approval in propose mode);
 - every action is written to the audit log with the plan id in the actor.
 
 Modes: off (nothing runs), propose (every interval a plan with actions is stored for approval),
@@ -32,6 +37,8 @@ from google.protobuf import json_format
 from coordinator.core import CoordinatorCore
 from coordinator.plan_store import PlanStoreLike
 from coordinator.policy import model as pm
+from coordinator.policy.clocks import CLOCK_KINDS, LOCK, RESET, with_clock_stage
+from coordinator.policy.configure import ConfigureConfig
 from coordinator.policy.placement import PlaceRequest, RankedNode, place
 from coordinator.policy.rebalance import rebalance
 from coordinator.policy.routing import RouteWeight, RoutingConfig, routing_weights
@@ -44,6 +51,7 @@ from coordinator.rebalance_snapshot import (
     build_snapshot,
     demand_of,
     limits_of,
+    locked_clock_mhz,
     sample_demand,
     validate_decl,
 )
@@ -68,6 +76,7 @@ class RebalanceSettings:
     verify_timeout_s: float = 600.0
     verify_poll_s: float = 0.25
     policy: pm.RebalanceConfig = field(default_factory=pm.RebalanceConfig)
+    configure: ConfigureConfig = field(default_factory=ConfigureConfig)  # the clock stage
 
 
 class Rebalancer:
@@ -127,6 +136,8 @@ class Rebalancer:
                                             field="plan_id")
         snapshot = self._snapshot()
         plan = rebalance(snapshot, self._profiles, self.limits(), self._s.policy)
+        plan = with_clock_stage(plan, snapshot, self._profiles, GPU_MODELS,
+                                self._s.policy.headroom_frac, self._s.configure)
         now = self._core.clock.time()
         doc = plan_doc(plan, uuid.uuid4().hex[:12], self._core.epoch, now, trigger)
         self._last_run_unix_s = now
@@ -425,6 +436,14 @@ class Rebalancer:
         elif kind == "start_instance":
             action.start_instance.CopyFrom(agent_pb2.StartInstanceRequest(
                 spec=self._start_spec(rec, a)))
+        elif kind == LOCK:
+            index, max_mhz = a["gpu_indices"][0], int(a["sm_clock_mhz"])
+            action.lock_clocks.CopyFrom(agent_pb2.LockClocksRequest(
+                gpu_index=index, min_mhz=_lowest_clock_mhz(rec, index, max_mhz),
+                max_mhz=max_mhz))
+        elif kind == RESET:
+            action.reset_clocks.CopyFrom(agent_pb2.ResetClocksRequest(
+                gpu_index=a["gpu_indices"][0]))
         else:
             raise errors.InvalidArgument(f"action kind {kind!r} is not executable", field="kind")
         return action
@@ -476,6 +495,11 @@ class Rebalancer:
     def _check(self, actions: Iterable[dict[str, Any]]) -> tuple[list[str], str]:
         pending = []
         for a in actions:
+            if a["kind"] in CLOCK_KINDS:
+                if not _effect_shown(self._core.registry.get(a["node_id"]), a):
+                    pending.append(f"{a['node_id']} GPU {a['gpu_indices'][0]} "
+                                   f"({_clock_text(a)} not reported yet)")
+                continue
             if a["kind"] not in ("start_instance", "stop_instance"):
                 continue
             state = _instance_state(self._core.registry.get(a["node_id"]), a["instance_id"])
@@ -546,9 +570,28 @@ def _effect_shown(rec: NodeRecord, a: dict[str, Any]) -> bool:
     gpu = next((g for g in report.gpus if g.index == a["gpu_indices"][0]), None) if report else None
     if gpu is None:
         return False
+    if kind in CLOCK_KINDS:  # the agent reports the lock it holds (its journal) per GPU
+        return locked_clock_mhz(gpu) == (a.get("sm_clock_mhz") or None)
     if kind == "set_mig_mode":
         return gpu.mig_pending_enabled == a["exec"]["mig_enabled"]  # pending: what was set
     return sorted(m.profile for m in gpu.mig_instances) == sorted(a["mig_profiles"])
+
+
+def _lowest_clock_mhz(rec: NodeRecord, gpu_index: int, max_mhz: int) -> int:
+    """The lower end of a clock lock: the GPU's lowest clock (reported, else its model's), so
+    it still clocks down when idle; max_mhz when neither is known."""
+    report = rec.report
+    gpu = next((g for g in report.gpus if g.index == gpu_index), None) if report else None
+    if gpu is None:
+        return max_mhz
+    model = GPU_MODELS.get(gpu.gpu_type)
+    clocks = list(gpu.supported_sm_clocks_mhz) or (list(model.sm_clocks_mhz) if model else [])
+    return min([c for c in clocks if c <= max_mhz], default=max_mhz)
+
+
+def _clock_text(a: Mapping[str, Any]) -> str:
+    mhz = a.get("sm_clock_mhz") or 0
+    return f"SM clock locked at <= {mhz} MHz" if mhz else "SM clock unlocked"
 
 
 def _instance_state(rec: NodeRecord, instance_id: str) -> str:
@@ -576,11 +619,15 @@ def plan_doc(plan: pm.Plan, plan_id: str, epoch: int, now_unix_s: float, trigger
 
 def _action_doc(a: pm.PlanAction) -> dict[str, Any]:
     c = a.config
+    clock = {"sm_clock_mhz": a.sm_clock_mhz or 0}
+    # A clock action's "config" says what it sets (plan show, plan diff).
+    clock_text = _clock_text(clock) if a.kind in CLOCK_KINDS else ""
+    config = c.describe() if c is not None else clock_text
     return {
         "kind": a.kind, "node_id": a.node_id, "reason": a.reason, "endpoint": a.endpoint,
-        "instance_id": a.instance_id, "config": c.describe() if c else "",
+        "instance_id": a.instance_id, "config": config,
         "gpu_indices": list(a.gpu_indices), "mig_profiles": list(a.mig_profiles),
-        "capacity_rps": round(a.capacity_rps, 3), "state": "pending", "error": "",
+        "capacity_rps": round(a.capacity_rps, 3), "state": "pending", "error": "", **clock,
         "exec": {"model": c.model if c else "", "tensor_parallel": c.tensor_parallel if c else 0,
                  "quantization": c.quantization if c else "", "gpu_type": c.gpu_type if c else "",
                  "mig_uuid": a.mig_uuid, "mig_enabled": a.mig_enabled},
@@ -588,7 +635,8 @@ def _action_doc(a: pm.PlanAction) -> dict[str, Any]:
 
 
 def diff_lines(doc: Mapping[str, Any]) -> list[str]:
-    """One line per action: + start, - stop, ~ MIG change; with where, what and why."""
+    """One line per action: + start, - stop, ~ MIG or clock change; with where, what and
+    why (a clock action's what: "SM clock locked at <= N MHz" or "SM clock unlocked")."""
     sign = {"start_instance": "+", "stop_instance": "-"}
     out = []
     for i, stage in enumerate(doc["stages"], 1):

@@ -10,6 +10,13 @@ The scripted UPS failure (--ups-failure-at S, default 20 s after every node repo
 feed drops to 75 % (`shapectl emergency declare --row r1 --capacity 0.75`); the live view shows
 the emergency's timeline; --ups-restore-after S later it is cleared and the caps relax in steps.
 With --json the output gains "emergency": the final `emergency show --json` object.
+
+Automatic detection (the coordinator's default, `--emergency-detect-after-s 3`): the demo's load
+takes the tight rows over their limits at its peaks, and the coordinator declares an emergency
+itself (source "auto"), whose caps bring the row back under. The live view shows each one's
+timeline like the UPS one's; with --json the output gains "auto_emergencies" (their `emergency
+show --json` objects). The UPS failure on a row that detection already caps takes that
+emergency over in place (its caps are never lifted in between).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ RACKS = (("r1", "k1", "a1"), ("r1", "k2", "a1"), ("r2", "k3", "a2"), ("r2", "k4"
 ROW_LIMIT_FRAC = 0.6  # of the rows' simulated peak: tight, the demo load crosses it at peaks
 AISLE_LIMIT_FRAC = 0.8
 REPORT_INTERVAL_S = 0.5
+AUTO_SOURCE = "auto"  # coordinator.emergency.AUTO_SOURCE: emergencies its detection declares
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -183,13 +191,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"logs in {workdir}; Ctrl-C stops", soft_wrap=True)
     final = None
     ups = UpsScript(cluster.coordinator_addr, args.ups_failure_at, args.ups_restore_after)
+    auto = AutoWatch(cluster.coordinator_addr)
     try:
         try:
-            final = show_live(console, cluster, args.nodes, args.for_s, ups, stop)
+            final = show_live(console, cluster, args.nodes, args.for_s, ups, stop, auto)
         except KeyboardInterrupt:
             console.print("demo: stopping")
         final = _try_status(cluster_status, cluster.coordinator_addr) or final
         ups.refresh()
+        auto.refresh()
     finally:
         cluster.stop()
         for sig, handler in previous.items():
@@ -197,15 +207,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
+        from shapectl.emergency_cmds import status_json as emergency_json
+
         out = status_json(final) if final is not None else {}
         if ups.status is not None:
-            from shapectl.emergency_cmds import status_json as emergency_json
-
             out["emergency"] = emergency_json(ups.status)
-        if ups.auto:
-            from shapectl.emergency_cmds import status_json as emergency_json
-
-            out["auto_emergencies"] = [emergency_json(e) for e in ups.auto]
+        out["auto_emergencies"] = [emergency_json(e) for e in auto.emergencies]
+        if auto.error:
+            out["auto_emergencies_error"] = auto.error
         print(json.dumps(out))
     return 0 if final is not None else 1
 
@@ -222,7 +231,6 @@ class UpsScript:
         self._declared_mono_s: float | None = None
         self._cleared = False
         self.error = ""
-        self.auto: list[Any] = []  # emergencies the coordinator declared itself (source auto)
 
     def step(self, since_all_up_s: float) -> None:
         """Call each refresh; since_all_up_s counts from the moment every node reported."""
@@ -241,12 +249,6 @@ class UpsScript:
         if self.emergency_id and not self.error:
             self._call(lambda stub: setattr(self, "status", stub.GetEmergency(
                 epb.GetEmergencyRequest(emergency_id=self.emergency_id), timeout=5)))
-        if not self.error:
-            self._call(self._list_auto)
-
-    def _list_auto(self, stub: Any) -> None:
-        listed = stub.ListEmergencies(epb.ListEmergenciesRequest(active_only=False), timeout=5)
-        self.auto = [e for e in listed.emergencies if e.source == "auto"]
 
     def _declare(self, stub: Any) -> None:
         status = stub.DeclareEmergency(epb.DeclareEmergencyRequest(
@@ -265,12 +267,6 @@ class UpsScript:
     def view(self) -> Any:
         if self.error:
             return Text(f"UPS script: {self.error}", style="bold red")
-        from shapectl.emergency_cmds import summary_text
-
-        auto = [Text("automatic: " + summary_text(e), style="bold magenta") for e in self.auto]
-        return Group(*auto, self._ups_view())
-
-    def _ups_view(self) -> Any:
         if self.status is None:
             when = ("never" if self._fail_at_s < 0
                     else f"{self._fail_at_s:g} s after all nodes report")
@@ -281,8 +277,45 @@ class UpsScript:
                      timeline_table(self.status, last=12))
 
 
+class AutoWatch:
+    """The emergencies the coordinator declared by itself (source "auto"), with timelines."""
+
+    SHOWN = 3  # the most recent ones in the live view
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self.emergencies: list[Any] = []  # EmergencyStatus, oldest first
+        self.error = ""
+
+    def refresh(self) -> None:
+        try:
+            with grpc.insecure_channel(self._address) as channel:
+                stub = epb_grpc.EmergencyStub(channel)
+                listed = stub.ListEmergencies(epb.ListEmergenciesRequest(), timeout=5)
+                self.emergencies = [
+                    stub.GetEmergency(epb.GetEmergencyRequest(emergency_id=e.emergency_id),
+                                      timeout=5)
+                    for e in listed.emergencies if e.source == AUTO_SOURCE]
+            self.error = ""
+        except grpc.RpcError as err:  # shown in the view; the last list seen is kept
+            self.error = f"{err.code().name}: {err.details()}"
+
+    def view(self) -> Any:
+        from shapectl.emergency_cmds import summary_text, timeline_table
+
+        parts: list[Any] = []
+        for e in self.emergencies[-self.SHOWN:]:
+            parts.append(Text(f"automatic {summary_text(e)} ({e.note})", style="bold magenta"))
+            if e.state != "cleared":
+                parts.append(timeline_table(e, last=6))
+        if self.error:
+            parts.append(Text(f"automatic emergencies: {self.error}", style="red"))
+        return Group(*parts) if parts else Text(
+            "automatic detection: no row or aisle over its limit for long enough yet")
+
+
 def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | None,
-              ups: UpsScript, stop: threading.Event) -> Any:
+              ups: UpsScript, stop: threading.Event, auto: AutoWatch | None = None) -> Any:
     """The status view, refreshed until for_s after every node reported (for_s None: forever)
     or until stop is set (KeyboardInterrupt). Returns the last status seen (None if the
     coordinator never answered)."""
@@ -302,7 +335,10 @@ def show_live(console: Console, cluster: Cluster, nodes: int, for_s: float | Non
                     all_up_at = time.monotonic()
                 if all_up_at is not None:
                     ups.step(time.monotonic() - all_up_at)
-                live.update(Group(status_view(status), ups.view()), refresh=True)
+                if auto is not None:
+                    auto.refresh()
+                views = (status_view(status), *([auto.view()] if auto else []), ups.view())
+                live.update(Group(*views), refresh=True)
             if all_up_at is None and time.monotonic() - started > STARTUP_TIMEOUT_S:
                 console.print(f"demo: not every node reported within {STARTUP_TIMEOUT_S:g} s; "
                               f"see the logs in {cluster.workdir}")

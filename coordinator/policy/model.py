@@ -40,6 +40,7 @@ class GpuState:
     # never a bin for the rebalancer, and its measured power stays in the row's budget.
     reserved: bool = False
     emergency_cap_w: float = 0.0  # an emergency power ceiling in force below the maximum; 0 = none
+    sm_clock_locked_mhz: int | None = None  # the upper SM clock of a lock in force; None = unlocked
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ class InstanceConfig:
 
 @dataclass(frozen=True)
 class PlanAction:
-    """One step. kind: start_instance | stop_instance | set_mig_mode | apply_mig_layout."""
+    """One step. kind: start_instance | stop_instance | set_mig_mode | apply_mig_layout |
+    lock_clocks | reset_clocks (one GPU each: gpu_indices holds it)."""
 
     kind: str
     node_id: str
@@ -199,6 +201,7 @@ class PlanAction:
     mig_uuid: str = ""  # start_instance: an existing free slice ("" = find one after a layout)
     mig_enabled: bool = False  # set_mig_mode
     capacity_rps: float = 0.0  # start/stop: serving capacity added/removed (at the demand mix)
+    sm_clock_mhz: int | None = None  # lock_clocks: the highest SM clock the GPU may run at
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class ListPlansResponse(_message.Message):
     def __init__(self, plans: _Optional[_Iterable[_Union[PlanStatus, _Mapping]]] = ...) -> None: ...
 
 class PlanAction(_message.Message):
-    __slots__ = ("kind", "node_id", "reason", "endpoint", "instance_id", "config", "gpu_indices", "mig_profiles", "capacity_rps", "state", "error")
+    __slots__ = ("kind", "node_id", "reason", "endpoint", "instance_id", "config", "gpu_indices", "mig_profiles", "capacity_rps", "state", "error", "sm_clock_mhz")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class PlanAction(_message.Message):
     CAPACITY_RPS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
     kind: str
     node_id: str
     reason: str
@@ -100,7 +101,8 @@ class PlanAction(_message.Message):
     capacity_rps: float
     state: str
     error: str
-    def __init__(self, kind: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., endpoint: _Optional[str] = ..., instance_id: _Optional[str] = ..., config: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., mig_profiles: _Optional[_Iterable[str]] = ..., capacity_rps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    sm_clock_mhz: int
+    def __init__(self, kind: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., endpoint: _Optional[str] = ..., instance_id: _Optional[str] = ..., config: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., mig_profiles: _Optional[_Iterable[str]] = ..., capacity_rps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., sm_clock_mhz: _Optional[int] = ...) -> None: ...
 
 class PlanStage(_message.Message):
     __slots__ = ("reason", "actions", "state", "row_power_after_w")

@@ -202,6 +202,91 @@ def test_many_hot_nodes_in_an_aisle_declare_a_cooling_emergency(tmp_path: Path) 
     run(scenario)
 
 
+def test_default_settings_cap_a_row_over_its_limit_until_it_is_under(tmp_path: Path) -> None:
+    """EmergencySettings() as the daemon's defaults give it: a row over its limit for the
+    default detection time gets an automatic emergency whose caps bring it under the limit."""
+    r = rig(tmp_path, **{k: getattr(EmergencySettings(), k) for k in (
+        "detect_after_s", "retighten_after_s")})
+
+    async def scenario() -> None:
+        r.report("n1", 2500.0)  # 500 W over the 2000 W limit
+        r.ctl.tick()
+        r.clock.advance(EmergencySettings().detect_after_s)
+        r.ctl.tick()
+        (view,) = r.ctl.list(active_only=False)
+        assert (view.rec.source, view.rec.state) == ("auto", "active")
+        await settle()
+        r.answer()
+        await settle()
+        eid = view.rec.emergency_id
+        timeline = r.ctl.view(eid).timeline
+        plan = next(e for e in timeline if e.kind == "plan").detail
+        assert plan is not None and plan["expected_w"] <= ROW_LIMIT_W  # the caps fit the row
+        caps = [e for e in timeline if e.kind == "caps_issued" and e.node_id == "n1"]
+        cap_w = max(caps[0].detail["caps_w"].values())  # type: ignore[index]
+        assert cap_w < 700.0
+        r.clock.advance(1.0)
+        r.report("n1", 1850.0, cap_w=cap_w)  # the agent holds the caps: the row is under
+        r.ctl.tick()
+        view = r.ctl.view(eid)
+        assert view.nodes_acked == 1 and view.under_limit_s >= 0
+        assert "under_limit" in [e.kind for e in view.timeline]
+
+    run(scenario)
+
+
+def test_an_active_emergency_over_its_limit_again_is_cut_further(tmp_path: Path) -> None:
+    r = rig(tmp_path, detect_after_s=1.0, retighten_after_s=3.0)
+
+    async def scenario() -> None:
+        r.report("n1", 2500.0)
+        r.ctl.tick()
+        r.clock.advance(1.0)
+        r.ctl.tick()
+        (view,) = r.ctl.list(active_only=False)
+        eid = view.rec.emergency_id
+        await settle()
+        r.answer()
+        await settle()
+        first = dict(r.ctl._live[eid].caps["n1"])
+        r.clock.advance(1.0)
+        r.report("n1", 2800.0, cap_w=max(first.values()))  # the load rose past the caps
+        r.ctl.tick()
+        r.clock.advance(2.9)
+        r.ctl.tick()
+        assert "caps_tightened" not in [e.kind for e in r.ctl.view(eid).timeline]
+        r.clock.advance(0.1)
+        r.ctl.tick()
+        kinds = [e.kind for e in r.ctl.view(eid).timeline]
+        assert kinds.count("caps_tightened") == 1
+        tighter = r.ctl._live[eid].caps["n1"]
+        assert all(tighter[i] < first[i] for i in first)  # only ever lower
+        assert kinds[-1] == "caps_issued"
+        r.clock.advance(3.0)
+        r.ctl.tick()  # caps not acknowledged yet: no second cut on stale reports
+        assert [e.kind for e in r.ctl.view(eid).timeline].count("caps_tightened") == 1
+
+    run(scenario)
+
+
+def test_detection_leaves_a_scope_sharing_nodes_with_an_emergency_alone(tmp_path: Path) -> None:
+    """Row r2 and aisle a2 hold the same nodes: with r2's emergency in force, a2's hot nodes
+    declare nothing (the two would overwrite each other's caps on the agents)."""
+    r = rig(tmp_path, detect_after_s=1.0, detect_hot_nodes_frac=1.0)
+
+    async def scenario() -> None:
+        r.ctl.declare("row", "r2", "power", 0.9, 0.0, 0.0, "ups", "", "op")
+        for node_id in ("n2", "n3"):
+            r.report(node_id, 1000.0, temp_c=88.0)
+        for _ in range(3):
+            r.ctl.tick()
+            r.clock.advance(1.0)
+        assert [(v.rec.scope, v.rec.name) for v in r.ctl.list(active_only=False)] == [
+            ("row", "r2")]
+
+    run(scenario)
+
+
 # ---------------------------------------------------------------------- Phase 1 timings
 
 

@@ -94,6 +94,30 @@ def test_local_emergencies_are_never_touched(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_parent_limit_takes_over_the_rows_automatic_emergency(tmp_path: Path) -> None:
+    """Detection (on by default) capped the row at its normal limit first: the parent's lower
+    limit moves that emergency in place instead of being blocked by it."""
+    r = rig(tmp_path, clear_step_s=60.0, detect_after_s=1.0)
+    enforcer = LeafEnforcer(r.core, r.ctl, "parent test")
+
+    async def scenario() -> None:
+        r.report("n1", 2500.0)  # over the 2000 W row limit
+        r.ctl.tick()
+        r.clock.advance(1.0)
+        r.ctl.tick()
+        (auto,) = r.ctl.in_force("row", "r1")
+        assert auto.rec.source == "auto"
+        await enforcer.apply(limits(1, 1500.0))
+        (em,) = r.ctl.in_force("row", "r1")
+        assert (em.rec.emergency_id, em.rec.source, em.rec.power_limit_w) == (
+            auto.rec.emergency_id, "parent", 1500.0)
+        assert row_ack(enforcer).action == "declared"
+        await enforcer.apply(limits(2, 1200.0))  # now the leaf's own: adjusted as usual
+        assert row_ack(enforcer).action == "updated"
+
+    run(scenario)
+
+
 def test_an_emergency_cleared_by_hand_is_declared_again(tmp_path: Path) -> None:
     r = rig(tmp_path, clear_step_s=0.0)
     enforcer = LeafEnforcer(r.core, r.ctl, "parent test")

@@ -120,6 +120,11 @@ def local(limit_w: float) -> InForce:
     return InForce("op1", limit_w, "active", False)
 
 
+def auto(state: str = "active", resuming: bool = False) -> InForce:
+    """The leaf's own detection: at the row's normal limit (4000 W here)."""
+    return InForce("a1", 4000, state, False, resuming, auto=True)
+
+
 @pytest.mark.parametrize(("limit_w", "in_force", "action", "eid"), [
     (3000, [], DECLARE, ""),
     (3000, [ours(3000.2)], KEEP, "p1"),
@@ -133,6 +138,10 @@ def local(limit_w: float) -> InForce:
     (4000, [local(2000)], NONE, ""),  # the operator's emergency is not the parent's business
     (3000, [local(2000)], KEEP_LOCAL, "op1"),
     (3000, [local(3500)], BLOCKED_LOCAL, "op1"),
+    (3000, [auto()], DECLARE, "a1"),  # taken over in place by the declaration
+    (3000, [auto("clearing")], PENDING, "a1"),
+    (3000, [auto(resuming=True)], PENDING, "a1"),
+    (4000, [auto()], NONE, ""),  # the row's own business at its normal limit
 ])
 def test_row_step(limit_w: float, in_force: list[InForce], action: str, eid: str) -> None:
     step = row_step(limit_w, 4000, in_force)
