@@ -23,7 +23,7 @@ import numpy as np
 from coordinator.policy import capacity, configure, shaping
 from nodeagent.gpu import physics
 from simulator.observe import Observation
-from simulator.state import READY, View
+from simulator.state import READY, STARTING, View
 
 COUNT_WINDOW_S = 600.0  # arrivals the count forecast fits (rises are counted over all of it)
 LEVEL_WINDOW_S = 75.0  # the recent arrivals its level averages
@@ -125,7 +125,7 @@ class ShapingLoop:
         for e in range(self.n_endpoints):
             f = self._forecast(e, COUNT_WINDOW_S, lead_s, LEVEL_WINDOW_S)
             out[e] = f.provision_rps / max(self.factor(e), 1e-6) / rel
-        live = (view.fleet.state == READY) | (view.fleet.state == 1)
+        live = (view.fleet.state == READY) | (view.fleet.state == STARTING)
         have = np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
                                                 at_max=True).sum()
                          for e in range(self.n_endpoints)])
@@ -145,7 +145,7 @@ class ShapingLoop:
 
     def scale_out(self, view: View) -> bool:
         """Queues build somewhere and nothing is already starting for that endpoint."""
-        starting = np.bincount(view.fleet.endpoint[view.fleet.state == 1],
+        starting = np.bincount(view.fleet.endpoint[view.fleet.state == STARTING],
                                minlength=self.n_endpoints)
         return bool(np.any((self.saturated_frac >= SATURATED_SCALE_OUT) & (starting == 0)))
 

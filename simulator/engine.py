@@ -248,6 +248,11 @@ class Engine:
 
     def _set_clocks(self, clocks: np.ndarray) -> None:
         old = self.gpus.locked_max_mhz
+        # GPUs under an emergency cap keep their lock, as live (coordinator.policy.clocks): the
+        # caps were planned from the draw at that lock, and raising it between two reports
+        # would take the row over its limit before the next re-plan.
+        capped = self.gpus.power_limit_w < self.cluster.gpu.power.max_w
+        clocks = np.where(capped, old, clocks)
         changed = ~((np.isnan(old) & np.isnan(clocks)) | (old == clocks))
         self.metrics.clock_changes += int(changed.sum())
         self.gpus.locked_max_mhz = clocks.copy()
