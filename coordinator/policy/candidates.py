@@ -118,7 +118,7 @@ def _group_rows(rows: Iterable[ProfileRow], endpoint: EndpointSpec, gpu_types: s
     return groups
 
 
-def _msrr_by_class(rows: Sequence[ProfileRow], slo_p95_s: float) -> dict[QueryClass, float]:
+def msrr_by_class(rows: Sequence[ProfileRow], slo_p95_s: float) -> dict[QueryClass, float]:
     """Best MSRR per class among rows whose SLO is at least as strict as the endpoint's."""
     out: dict[QueryClass, float] = {}
     for r in rows:
@@ -134,7 +134,7 @@ def _candidate(cfg: InstanceConfig, rows: Sequence[ProfileRow], endpoint: Endpoi
     model = GPU_MODELS.get(cfg.gpu_type)
     if model is None:
         return None
-    msrr = _msrr_by_class(rows, endpoint.slo_p95_s)
+    msrr = msrr_by_class(rows, endpoint.slo_p95_s)
     needed = {qc for qc, rps in demand.items() if rps > 0}
     if not msrr or not needed <= set(msrr):
         return None

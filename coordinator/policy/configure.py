@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.policy.candidates import msrr_by_class
 from coordinator.policy.model import ClusterSnapshot, InstanceState
 from coordinator.profiles.classes import class_tokens
 from coordinator.profiles.schema import ProfileRow, QueryClass
@@ -219,14 +220,13 @@ def instance_capacity_rps(profiles: Sequence[ProfileRow], gpu_type: str, model: 
                           quantization: str, tensor_parallel: int, slo_p95_s: float,
                           mix: Mapping[QueryClass, float]) -> float:
     """One full-GPU instance's capacity at the maximum clock for the demand's class mix (req/s):
-    total / Σ_class rps_c / MSRR_c. 0 when a class with demand has no MSRR row."""
-    msrr: dict[QueryClass, float] = {}
-    for r in profiles:
-        if (r.gpu_type == gpu_type and r.model == model and r.quantization == quantization
-                and r.tensor_parallel == tensor_parallel and r.mig_profile == "full"
-                and r.sm_clock_mhz is None and r.power_limit_w is None and r.msrr_rps
-                and r.slo_p95_s is not None and r.slo_p95_s <= slo_p95_s + 1e-9):
-            msrr[r.query_class] = max(msrr.get(r.query_class, 0.0), r.msrr_rps)
+    total / Σ_class rps_c / MSRR_c, with the rebalancer's MSRR per class
+    (candidates.msrr_by_class). 0 when a class with demand has no MSRR row."""
+    rows = [r for r in profiles
+            if r.gpu_type == gpu_type and r.model == model and r.quantization == quantization
+            and r.tensor_parallel == tensor_parallel and r.mig_profile == "full"
+            and r.sm_clock_mhz is None and r.power_limit_w is None]
+    msrr = msrr_by_class(rows, slo_p95_s)
     total = sum(v for v in mix.values() if v > 0)
     if total <= 0:
         return 0.0
@@ -272,9 +272,13 @@ def _endpoint_clocks(endpoint: str, slo_p95_s: float, insts: Sequence[InstanceSt
         return []  # an instance the profiles do not describe: no basis for a clock
     out = []
     total_max_rps = sum(cap for _, _, cap in caps)
+    decode_of: dict[tuple[str, str], float] = {}  # one solve per GPU type and model
     for inst, gpu, cap in caps:
         assert gpu is not None
-        decode_frac = decode_share(profiles, gpu.key, inst.model, mix)
+        key = (gpu.key, inst.model)
+        if key not in decode_of:
+            decode_of[key] = decode_share(profiles, gpu.key, inst.model, mix)
+        decode_frac = decode_of[key]
         # Each instance carries its share of the need, in proportion to its capacity.
         share_rps = need_rps * cap / total_max_rps
         clock = lowest_clock_mhz(1, share_rps, cap, gpu, decode_frac, config)
