@@ -70,8 +70,7 @@ class ShapingLoop:
         saturated = ready & (obs.running >= obs.max_concurrency) & (obs.waiting > 0)
         keep = max(1, round(LATE_WINDOW_S / obs.interval_s))
         self.completions = [*self.completions, (obs.served, obs.late)][-keep:]
-        served = np.sum([c for c, _ in self.completions], axis=0)
-        late = np.sum([x for _, x in self.completions], axis=0)
+        served, late = self._window_totals()
         for e in range(self.n_endpoints):
             mine = ready & (view.fleet.endpoint == e)
             n = int(mine.sum())
@@ -138,10 +137,14 @@ class ShapingLoop:
         assert self.obs is not None
         if len(self.completions) * self.obs.interval_s < LATE_WINDOW_S:
             return np.zeros(self.n_endpoints, bool)
-        served = np.sum([c for c, _ in self.completions], axis=0)
-        late = np.sum([x for _, x in self.completions], axis=0)
+        served, late = self._window_totals()
         budget = self.correction_config.late_budget
         return late <= budget * np.maximum(served, 1)
+
+    def _window_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """(completed, completed over the SLO) per endpoint over the late window."""
+        return (np.sum([c for c, _ in self.completions], axis=0),
+                np.sum([x for _, x in self.completions], axis=0))
 
     def scale_out(self, view: View) -> bool:
         """Queues build somewhere and nothing is already starting for that endpoint."""
@@ -183,12 +186,9 @@ class ShapingLoop:
 
     def _ceilings(self, view: View) -> np.ndarray:
         m = view.cluster.gpu
-        excess, _ = self._row_excess(view)
-        saas = ~view.opaque & view.fleet.hosting()
-        dyn = np.maximum(view.gpu_power_w - m.idle_power_w, 0.0) * saas
+        excess, saas_dyn = self._row_excess(view)
         # Routing first: a row's clocks are only lowered once its weights are at the floor.
         at_floor = self.row_weight <= self.shaping_config.min_weight + 1e-9
-        saas_dyn = np.bincount(view.gpu_row, dyn, minlength=self.n_rows)
         row_ceiling = shaping.row_clock_ceiling_mhz(np.where(at_floor, excess, 0.0), saas_dyn,
                                                     m.sm_max_clock_mhz, self.shaping_config)
         thermal = shaping.thermal_clock_ceiling_mhz(

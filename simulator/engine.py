@@ -233,14 +233,14 @@ class Engine:
     def _route_tick(self, t_s: float, k: int) -> None:
         """Routing interval: close the observation, route, lock clocks; scale out at once when
         the policy sees queues building (between rebalance intervals)."""
+        view = self._view(t_s)
         if k > 0:
             waiting, running = self.pool.waiting_running_per_gpu()
             obs = self.observer.close(waiting, running, self.pool.params.max_concurrency)
-            self.policy.observe(self._view(t_s), obs)
-            if self.policy.scale_out(self._view(t_s)):
-                self._apply_plan(self.policy.plan(self._view(t_s), self.static_count,
-                                                  grow_only=True), t_s)
-        view = self._view(t_s)
+            self.policy.observe(view, obs)
+            if self.policy.scale_out(view):
+                self._apply_plan(self.policy.plan(view, self.static_count, grow_only=True), t_s)
+                view = self._view(t_s)  # the plan changed the fleet
         self.weights = self.policy.route(view)
         clocks = self.policy.clocks(view)
         if clocks is not None:
