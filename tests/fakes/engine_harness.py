@@ -29,6 +29,18 @@ def fake_launcher() -> tuple[str, ...]:
     return (sys.executable, str(FAKE_VLLM))
 
 
+def fast_agent_config() -> dict[str, Any]:
+    """A nodeagent config (YAML document) for integration tests: fake engines, quick sampling,
+    reports and restarts."""
+    return {
+        "version": 1,
+        "sampling": {"interval_s": 0.25},
+        "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1},
+        "engines": {"launcher": list(fake_launcher()), "health_interval_s": 0.1,
+                    "shutdown_timeout_s": 5, "kill_grace_s": 2},
+    }
+
+
 def make_model_dir(path: Path, heads: int = 2) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({"num_attention_heads": heads}))

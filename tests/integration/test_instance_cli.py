@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import AgentProcess, free_port, poll, run_cli, start_agent
-from tests.fakes.engine_harness import fake_launcher, make_model_dir
+from tests.fakes.engine_harness import fast_agent_config, make_model_dir
 from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
 
 TOPOLOGY = {
@@ -37,13 +37,7 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
     (tmp_path / "topology.yaml").write_text(yaml.safe_dump(TOPOLOGY))
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({
-        "version": 1,
-        "sampling": {"interval_s": 0.25},
-        "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1},
-        "engines": {"launcher": list(fake_launcher()), "health_interval_s": 0.1,
-                    "shutdown_timeout_s": 5, "kill_grace_s": 2},
-    }))
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(fast_agent_config()))
     coordinator = start_coordinator(tmp_path, free_port())
     agent = None
     try:

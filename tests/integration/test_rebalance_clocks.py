@@ -21,7 +21,11 @@ import yaml
 from nodeagent.gpu.models import GPU_MODELS
 from nodeagent.v1 import agent_pb2
 from tests.conftest import AgentProcess, free_port, poll, run_cli, start_agent
-from tests.fakes.engine_harness import fake_launcher, kill_fake_engines, make_model_dir
+from tests.fakes.engine_harness import (
+    fast_agent_config,
+    kill_fake_engines,
+    make_model_dir,
+)
 from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
 from tests.integration.test_rebalance_loop import HEADER, PROFILES, TOPOLOGY
 
@@ -32,13 +36,7 @@ MAX_MHZ = GPU_MODELS["h100-80gb"].sm_max_clock_mhz
 def auto_cluster(tmp_path: Path) -> Iterator[tuple[CoordinatorProcess, AgentProcess, Path]]:
     (tmp_path / "topology.yaml").write_text(yaml.safe_dump(TOPOLOGY))
     (tmp_path / "profiles.csv").write_text("\n".join([HEADER, *PROFILES]) + "\n")
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({
-        "version": 1,
-        "sampling": {"interval_s": 0.25},
-        "coordinator": {"report_interval_s": 0.25, "reconnect_initial_s": 0.1},
-        "engines": {"launcher": list(fake_launcher()), "health_interval_s": 0.1,
-                    "shutdown_timeout_s": 5, "kill_grace_s": 2},
-    }))
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(fast_agent_config()))
     coordinator = start_coordinator(
         tmp_path, free_port(), "--profiles", str(tmp_path / "profiles.csv"),
         "--rebalance-mode", "auto", "--rebalance-interval-s", "1", "--demand-sample-s", "0.2",
