@@ -23,9 +23,9 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nodeagent.v1 import agent_pb2 as pb
-from nodeagent.v1 import agent_pb2_grpc as pb_grpc
-from shapectl.demo import free_port
+from shapectl.commands.demo import free_port
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2_grpc as pb_grpc
 
 
 def start_agent(

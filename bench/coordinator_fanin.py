@@ -23,17 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import psutil
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from nodeagent.v1 import agent_pb2 as pb
-from shapectl.demo import free_port
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.api.v1 import link_pb2_grpc as lpb_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import local_address, serving, start_coordinator, stop_coordinators, wait_for
 
 NODES_PER_RACK = 10
 RACKS_PER_ROW = 10
@@ -105,7 +108,7 @@ async def report_forever(address: str, index: int, total: int, stop_at: float) -
     stream redial after a random pause, as agents do. Returns the reports sent."""
     node_id = f"bench-{index:05d}"
     node = node_template(node_id, placement(index))
-    register = cpb.Register(node_id=node_id, hostname=node_id, labels=node.labels,
+    register = lpb.Register(node_id=node_id, hostname=node_id, labels=node.labels,
                             software_version="bench", backend="sim", gpus=node.gpus,
                             report_interval_s=1.0)
     await asyncio.sleep(index / 1000)  # connect ~1000 nodes per second, not all at once
@@ -118,13 +121,13 @@ async def report_forever(address: str, index: int, total: int, stop_at: float) -
     return sent
 
 
-async def _session(address: str, register: cpb.Register, node: pb.Node, offset_s: float,
+async def _session(address: str, register: lpb.Register, node: pb.Node, offset_s: float,
                    stop_at: float, seq: int) -> int:
     # A local subchannel pool: one TCP connection per node, as separate agents would have.
     async with grpc.aio.insecure_channel(
             address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-        call = cpb_grpc.AgentLinkStub(channel).Connect()
-        await call.write(cpb.AgentMessage(register=register))
+        call = lpb_grpc.AgentLinkStub(channel).Connect()
+        await call.write(lpb.AgentMessage(register=register))
         await call.read()  # Registered
         drain = asyncio.create_task(_drain(call))
         await asyncio.sleep(offset_s)  # stagger the nodes over the second
@@ -134,8 +137,8 @@ async def _session(address: str, register: cpb.Register, node: pb.Node, offset_s
             while time.time() < stop_at:
                 sent += 1
                 node.sampled_at_unix_s = time.time()
-                report = cpb.NodeReport(node=node, seq=seq + sent, sent_at_unix_s=time.time())
-                await call.write(cpb.AgentMessage(report=report))
+                report = lpb.NodeReport(node=node, seq=seq + sent, sent_at_unix_s=time.time())
+                await call.write(lpb.AgentMessage(report=report))
                 next_at += 1.0
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             await call.done_writing()
@@ -162,24 +165,13 @@ def reporter_process(address: str, indices: list[int], total: int, stop_at: floa
 # ---------------------------------------------------------------- the bench
 
 
-def start_coordinator(workdir: Path, nodes: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_fanin_coordinator(workdir: Path, nodes: int) -> tuple[subprocess.Popen[bytes], str]:
     (workdir / "topology.yaml").write_text(yaml.safe_dump(topology(nodes)))
-    address = f"127.0.0.1:{free_port()}"
-    log = (workdir / "coordinator.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.daemon", "--listen", address,
-         "--topology", str(workdir / "topology.yaml"), "--db", str(workdir / "c.db"),
-         "--lease-ttl-s", "30", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT)
+    address = local_address()
+    proc = start_coordinator(workdir, "coordinator", "--listen", address,
+                             "--topology", str(workdir / "topology.yaml"),
+                             "--lease-ttl-s", "30", "--log-level", "warning")
     return proc, address
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: {what} not reached within {timeout_s:g} s")
-        time.sleep(0.2)
 
 
 def stats(stub: cpb_grpc.CoordinatorStub, reset: bool = False) -> cpb.IngestStats:
@@ -188,7 +180,7 @@ def stats(stub: cpb_grpc.CoordinatorStub, reset: bool = False) -> cpb.IngestStat
 
 def run(nodes: int, seconds: float, processes: int, status_every_s: float) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="shapeshifter-fanin-"))
-    proc, address = start_coordinator(workdir, nodes)
+    proc, address = start_fanin_coordinator(workdir, nodes)
     channel = grpc.insecure_channel(address)
     stub = cpb_grpc.CoordinatorStub(channel)
     ctx = mp.get_context("spawn")
@@ -221,8 +213,7 @@ def run(nodes: int, seconds: float, processes: int, status_every_s: float) -> di
         for c in children:
             c.terminate()
         channel.close()
-        proc.terminate()
-        proc.wait(30)
+        stop_coordinators([proc])
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = t1 - t0
     return {
@@ -248,14 +239,6 @@ def _wait_connected(stub: cpb_grpc.CoordinatorStub, nodes: int, timeout_s: float
         print(f"bench: only {connected} of {nodes} streams connected within {timeout_s:g} s",
               file=sys.stderr)
     return connected
-
-
-def serving(stub: cpb_grpc.CoordinatorStub) -> bool:
-    try:
-        stats(stub)
-    except grpc.RpcError:
-        return False
-    return True
 
 
 def cpu_seconds(p: psutil.Process) -> float:

@@ -1,7 +1,7 @@
 """Emergency load shedding: N virtual 8-GPU nodes in 4 rows, one row drops to 75%.
 
 The coordinator runs as a subprocess (the real daemon). Virtual nodes are hosted in a few
-processes (asyncio + grpc.aio); each has its own sim backend (nodeagent.gpu.sim, 8 x H100 at full
+processes (asyncio + grpc.aio); each has its own sim backend (nodeagent.device.sim, 8 x H100 at full
 load), the agent's real EmergencyGuard, and its own AgentLink.Connect stream and TCP connection.
 It reports every second (GPU draw and limits from the sim) and applies the coordinator's caps
 to its sim GPUs. After every node registered and acknowledged its pre-armed caps, the bench
@@ -23,7 +23,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,18 +32,19 @@ import grpc
 import structlog
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.clock import SystemClock
-from nodeagent.emergency import EmergencyGuard
-from nodeagent.gpu.sim import SimulatedBackend
-from nodeagent.streams import write_forever as write_outbox
-from nodeagent.v1 import agent_pb2 as pb
+from nodeagent.device.sim import SimulatedBackend
+from nodeagent.safety.emergency import EmergencyGuard
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.api.v1 import link_pb2_grpc as lpb_grpc
+from shapeshifter.common.clock import SystemClock
+from shapeshifter.net.streams import write_forever as write_outbox
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coordinator_fanin import free_port, serving, wait_for
+from launch import local_address, serving, start_coordinator, stop_coordinators, wait_for
 
 GPUS, ROWS, NODES_PER_RACK = 8, 4, 10
 HOST_OTHER_W = 1500.0  # idle + fans of an 8-GPU host, not cappable
@@ -118,8 +118,8 @@ class VirtualNode:
 
     async def connect(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
         """Open the AgentLink stream and register (answered by Registered)."""
-        call = cpb_grpc.AgentLinkStub(channel).Connect()
-        await call.write(cpb.AgentMessage(register=cpb.Register(
+        call = lpb_grpc.AgentLinkStub(channel).Connect()
+        await call.write(lpb.AgentMessage(register=lpb.Register(
             node_id=self.node_id, hostname=self.node_id, labels=self.labels,
             backend="sim", gpus=self.report().gpus, report_interval_s=REPORT_INTERVAL_S)))
         await call.read()
@@ -130,7 +130,7 @@ class VirtualNode:
         async with grpc.aio.insecure_channel(
                 address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             call = await self.connect(channel)
-            outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
+            outbox: asyncio.Queue[lpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),
                      asyncio.create_task(self._report(outbox, stop_at)),
                      asyncio.create_task(write_outbox(call, outbox))]
@@ -139,13 +139,13 @@ class VirtualNode:
                 t.cancel()
 
     async def _read(self, call: grpc.aio.StreamStreamCall,
-                    outbox: asyncio.Queue[cpb.AgentMessage]) -> None:
+                    outbox: asyncio.Queue[lpb.AgentMessage]) -> None:
         while (msg := await call.read()) is not grpc.aio.EOF:
             answer = self.answer(msg)
             if answer is not None:
-                outbox.put_nowait(cpb.AgentMessage(plan_result=answer))
+                outbox.put_nowait(lpb.AgentMessage(plan_result=answer))
 
-    def answer(self, msg: cpb.CoordinatorMessage) -> pb.ApplyPlanResponse | None:
+    def answer(self, msg: lpb.CoordinatorMessage) -> pb.ApplyPlanResponse | None:
         """The node's answer to a coordinator message (None: nothing to answer)."""
         kind = msg.WhichOneof("kind")
         if kind == "emergency":
@@ -154,11 +154,11 @@ class VirtualNode:
             return self.guard.prearm(msg.prearm)
         return None
 
-    async def _report(self, outbox: asyncio.Queue[cpb.AgentMessage], stop_at: float) -> None:
+    async def _report(self, outbox: asyncio.Queue[lpb.AgentMessage], stop_at: float) -> None:
         seq = 0
         while time.time() < stop_at:
             seq += 1
-            outbox.put_nowait(cpb.AgentMessage(report=cpb.NodeReport(
+            outbox.put_nowait(lpb.AgentMessage(report=lpb.NodeReport(
                 node=self.report(), seq=seq, sent_at_unix_s=time.time())))
             await asyncio.sleep(REPORT_INTERVAL_S)
 
@@ -183,14 +183,11 @@ def run(nodes: int, processes: int, timeout_s: float) -> dict[str, float]:
     node_peak_w = HOST_OTHER_W + GPUS * 700.0
     workdir = Path(tempfile.mkdtemp(prefix="shapeshifter-emergency-"))
     (workdir / "topology.yaml").write_text(yaml.safe_dump(topology(nodes, node_peak_w)))
-    address = f"127.0.0.1:{free_port()}"
-    log = (workdir / "coordinator.log").open("wb")
-    coord = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.daemon", "--listen", address, "--topology",
-         str(workdir / "topology.yaml"), "--db", str(workdir / "c.db"), "--lease-ttl-s", "60",
-         "--log-level", "error", "--emergency-prearm-interval-s", "3600",
-         "--emergency-phase2-after-s", "0", "--emergency-reissue-after-s", "3"],
-        stdout=log, stderr=subprocess.STDOUT)
+    address = local_address()
+    coord = start_coordinator(
+        workdir, "coordinator", "--listen", address, "--topology", str(workdir / "topology.yaml"),
+        "--lease-ttl-s", "60", "--log-level", "error", "--emergency-prearm-interval-s", "3600",
+        "--emergency-phase2-after-s", "0", "--emergency-reissue-after-s", "3")
     stop_at = time.time() + timeout_s + nodes / 50 + 60
     ctx = mp.get_context("spawn")
     hosts = [ctx.Process(target=host_process,
@@ -218,8 +215,7 @@ def run(nodes: int, processes: int, timeout_s: float) -> dict[str, float]:
     finally:
         for h in hosts:
             h.terminate()
-        coord.terminate()
-        coord.wait(20)
+        stop_coordinators([coord], timeout_s=20)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

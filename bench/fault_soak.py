@@ -55,14 +55,14 @@ import grpc
 import structlog
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
+from shapeshifter.api.v1 import link_pb2 as lpb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coordinator_fanin import free_port, wait_for
 from emergency import (
     GPUS,
     HOST_OTHER_W,
@@ -71,6 +71,7 @@ from emergency import (
     topology,
     write_outbox,
 )
+from launch import local_address, start_coordinator, stop_coordinators, wait_for
 
 GRACE_S = 3.0  # fallback_after_s (1 s) + a report interval + scheduling slack
 STALL_S = 1.0  # a tick gap this long means the process was stopped
@@ -119,7 +120,7 @@ class SoakNode(VirtualNode):
                 address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             call = await self.connect(channel)
             self.guard.link_up(True)
-            outbox: asyncio.Queue[cpb.AgentMessage] = asyncio.Queue()
+            outbox: asyncio.Queue[lpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),
                      asyncio.create_task(write_outbox(call, outbox)),
                      asyncio.create_task(self._report(outbox, stop_at)),
@@ -133,7 +134,7 @@ class SoakNode(VirtualNode):
                     t.cancel()
                 call.cancel()
 
-    def answer(self, msg: cpb.CoordinatorMessage) -> pb.ApplyPlanResponse | None:
+    def answer(self, msg: lpb.CoordinatorMessage) -> pb.ApplyPlanResponse | None:
         if msg.WhichOneof("kind") == "plan":
             return self._apply(msg.plan)
         return super().answer(msg)
@@ -204,19 +205,16 @@ class Coordinator:
         self.workdir = workdir
         (workdir / "topology.yaml").write_text(yaml.safe_dump(
             topology(nodes, HOST_OTHER_W + GPUS * 700.0)))
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = local_address()
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
 
     def start(self) -> None:
-        log = (self.workdir / "coordinator.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.daemon", "--listen", self.address,
-             "--topology", str(self.workdir / "topology.yaml"),
-             "--db", str(self.workdir / "c.db"), "--lease-ttl-s", "30", "--log-level", "error",
-             "--emergency-prearm-interval-s", "5", "--emergency-reissue-after-s", "3",
-             "--emergency-clear-step-s", "0.5"],
-            stdout=log, stderr=subprocess.STDOUT)
+        self.proc = start_coordinator(
+            self.workdir, "coordinator", "--listen", self.address,
+            "--topology", str(self.workdir / "topology.yaml"), "--lease-ttl-s", "30",
+            "--log-level", "error", "--emergency-prearm-interval-s", "5",
+            "--emergency-reissue-after-s", "3", "--emergency-clear-step-s", "0.5")
 
     def kill_and_restart(self) -> None:
         assert self.proc is not None
@@ -227,9 +225,8 @@ class Coordinator:
         self.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
+        if self.proc is not None:
+            stop_coordinators([self.proc], timeout_s=20)
 
 
 class Clients:

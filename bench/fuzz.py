@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent.logging import configure_logging
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.common.logging import configure_logging
 from tests import hostile
 
 
@@ -37,7 +37,7 @@ def entry_points(agent: hostile.AgentHarness, coord: hostile.CoordinatorHarness
         points[f"agent.{name}"] = (hostile.proto(cls), lambda r, n=name: agent.call(n, r))
     for name, cls in hostile.coordinator_methods().items():
         points[f"coordinator.{name}"] = (hostile.proto(cls), lambda r, n=name: coord.call(n, r))
-    link = st.tuples(hostile.proto(cpb.Register), hostile.proto(cpb.NodeReport))
+    link = st.tuples(hostile.proto(lpb.Register), hostile.proto(lpb.NodeReport))
     points["link.RegisterAndReport"] = (link, lambda pair: coord.register(*pair))
     points["config"] = (hostile.config_trees(), hostile.check_config)
     points["topology"] = (hostile.topology_trees(), hostile.check_topology_tree)

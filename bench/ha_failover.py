@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing as mp
 import random
 import shutil
@@ -52,19 +51,20 @@ import grpc
 import structlog
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.transport import leader_hint
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.net.transport import leader_hint
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import leaves_fanin
-from coordinator_fanin import free_port, wait_for
 from emergency import GPUS, HOST_OTHER_W, topology
 from fault_soak import TICK_S, SoakNode
+from launch import local_address, start_coordinator, stop_coordinators, wait_for
 
 from tests.etcd_cluster import EtcdCluster, etcd_binary
 
@@ -101,11 +101,11 @@ class HaNode(SoakNode):
         if not self._stop.is_set():
             raise asyncio.InvalidStateError("the stream ended")
 
-    async def _report(self, outbox: asyncio.Queue[cpb.AgentMessage], stop_at: float) -> None:
+    async def _report(self, outbox: asyncio.Queue[lpb.AgentMessage], stop_at: float) -> None:
         seq = 0
         while not self._stop.is_set():
             seq += 1
-            outbox.put_nowait(cpb.AgentMessage(report=cpb.NodeReport(
+            outbox.put_nowait(lpb.AgentMessage(report=lpb.NodeReport(
                 node=self.report(), seq=seq, sent_at_unix_s=time.time())))
             self.sent[self.target] += 1
             await asyncio.sleep(1.0)
@@ -136,20 +136,17 @@ def host_process(addresses: list[str], indices: list[int], nodes: int, stop: Any
 class Replicas:
     def __init__(self, workdir: Path, etcd: EtcdCluster) -> None:
         self.workdir, self.etcd = workdir, etcd
-        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        self.addresses = [local_address() for _ in range(2)]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, address: str) -> None:
         name = f"c{self.addresses.index(address)}"
-        log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[address] = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.daemon", "--listen", address,
-             "--topology", str(self.workdir / "topology.yaml"),
-             "--db", str(self.workdir / f"{name}.db"), "--state", "etcd",
-             "--etcd-endpoints", ",".join(self.etcd.endpoints), "--replica-id", name,
-             "--leader-ttl-s", str(LEADER_TTL_S), "--lease-ttl-s", "30", "--log-level", "error",
-             "--emergency-prearm-interval-s", "5", "--emergency-reissue-after-s", "3"],
-            stdout=log, stderr=subprocess.STDOUT)
+        self.procs[address] = start_coordinator(
+            self.workdir, name, "--listen", address,
+            "--topology", str(self.workdir / "topology.yaml"), "--state", "etcd",
+            "--etcd-endpoints", ",".join(self.etcd.endpoints), "--replica-id", name,
+            "--leader-ttl-s", str(LEADER_TTL_S), "--lease-ttl-s", "30", "--log-level", "error",
+            "--emergency-prearm-interval-s", "5", "--emergency-reissue-after-s", "3")
 
     def leader(self) -> str:
         """The address that answers GetCluster ('' while none does)."""
@@ -164,12 +161,7 @@ class Replicas:
         return ""
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(20)
+        stop_coordinators(self.procs.values(), timeout_s=20)
 
 
 class Operator:

@@ -31,7 +31,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,24 +42,17 @@ import psutil
 import structlog
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from coordinator.v1 import hierarchy_pb2 as hpb
-from coordinator.v1 import hierarchy_pb2_grpc as hpb_grpc
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
+from shapeshifter.api.v1 import hierarchy_pb2 as hpb
+from shapeshifter.api.v1 import hierarchy_pb2_grpc as hpb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coordinator_fanin import (
-    cpu_seconds,
-    free_port,
-    placement,
-    report_forever,
-    serving,
-    topology,
-    wait_for,
-)
+from coordinator_fanin import cpu_seconds, placement, report_forever, topology
 from emergency import GPUS, HOST_OTHER_W, VirtualNode, figures
+from launch import local_address, serving, start_coordinator, stop_coordinators, wait_for
 
 E_ROW = "e0"
 
@@ -111,25 +103,19 @@ def row_process(address: str, indices: list[int], stop_at: float) -> None:
     asyncio.run(main())
 
 
-def _start(workdir: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
-    log = (workdir / f"{name}.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "coordinator.daemon", "--db", str(workdir / f"{name}.db"),
-         "--log-level", "error", *args], stdout=log, stderr=subprocess.STDOUT)
-
-
 def run(nodes: int, leaves: int, e_nodes: int, processes: int) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="shapeshifter-leaves-"))
     site = site_topology(nodes, e_nodes)
     (workdir / "site.yaml").write_text(yaml.safe_dump(site))
-    parent = f"127.0.0.1:{free_port()}"
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(leaves)]
-    procs = [_start(workdir, "parent", "--role", "parent", "--listen", parent,
-                    "--topology", str(workdir / "site.yaml"))]
+    parent = local_address()
+    addresses = [local_address() for _ in range(leaves)]
+    procs = [start_coordinator(workdir, "parent", "--log-level", "error", "--role", "parent",
+                               "--listen", parent, "--topology", str(workdir / "site.yaml"))]
     for n, address in enumerate(addresses):
         (workdir / f"leaf{n}.yaml").write_text(yaml.safe_dump(leaf_topology(site, n, leaves)))
-        procs.append(_start(
-            workdir, f"leaf{n}", "--listen", address, "--topology", str(workdir / f"leaf{n}.yaml"),
+        procs.append(start_coordinator(
+            workdir, f"leaf{n}", "--log-level", "error", "--listen", address,
+            "--topology", str(workdir / f"leaf{n}.yaml"),
             "--parent", parent, "--leaf-id", f"leaf{n}", "--lease-ttl-s", "60",
             "--emergency-prearm-interval-s", "3600", "--emergency-phase2-after-s", "0",
             "--emergency-reissue-after-s", "3", "--emergency-clear-step-s", "0.3"))
@@ -153,10 +139,7 @@ def run(nodes: int, leaves: int, e_nodes: int, processes: int) -> dict[str, floa
     finally:
         for h in hosts:
             h.terminate()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        stop_coordinators(procs)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -39,8 +39,6 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.policy.candidates import MIG_COMPUTE_SLICES, MIG_MEMORY_SLOTS, all_candidates
-from coordinator.policy.ledger import node_power_w, shape_of
 from coordinator.policy.model import (
     ClusterSnapshot,
     EndpointSpec,
@@ -50,11 +48,17 @@ from coordinator.policy.model import (
     NodeState,
     RebalanceConfig,
 )
+from coordinator.policy.packing.candidates import (
+    MIG_COMPUTE_SLICES,
+    MIG_MEMORY_SLOTS,
+    all_candidates,
+)
+from coordinator.policy.packing.ledger import node_power_w, shape_of
 from coordinator.policy.rebalance import rebalance
 from coordinator.profiles.classes import CLASSES, class_shares, read_azure_trace
 from coordinator.profiles.schema import ProfileRow, QueryClass, Source
-from nodeagent.gpu.models import GPU_MODELS
-from nodeagent.gpu.server_model import server_model_for
+from shapeshifter.hw.models import GPU_MODELS
+from shapeshifter.hw.server_model import server_model_for
 
 TRACE = Path("/work/shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv")
 GPUS_PER_NODE, NODES_PER_ROW = 8, 8

@@ -26,7 +26,7 @@ from nodeagent.engines.command import default_launcher
 from nodeagent.engines.manager import EngineSettings, InstanceManager
 from nodeagent.engines.runner import ProcessRunner
 from nodeagent.engines.spec import DeviceInventory, InstanceSpec
-from nodeagent.logging import configure_logging
+from shapeshifter.common.logging import configure_logging
 
 STEPS = ("drain", "stop", "start", "ready")
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

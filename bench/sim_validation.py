@@ -6,15 +6,15 @@ constant full load, row feeds at ROW_LIMIT_FRAC of the rows' peak draw (the load
 limits out of reach. After --emergency-at S seconds a UPS failure drops row r1 to 75 %.
 
 (a) live: the real coordinator daemon and N `nodeagent --backend sim --sim-load busy` processes
-    on localhost (started and stopped by shapectl.demo.start_cluster); the emergency is declared
-    over the Emergency gRPC service (shapectl.demo.UpsScript). Row power is sampled from
-    GetCluster every 0.5 s; time-to-under-limit is read from the emergency's status (what
-    `shapectl emergency show --json` prints: under_limit_s) and from those samples.
+    on localhost (started and stopped by shapectl.commands.demo.start_cluster); the emergency is
+    declared over the Emergency gRPC service (shapectl.commands.demo.UpsScript). Row power is
+    sampled from GetCluster every 0.5 s; time-to-under-limit is read from the emergency's status
+    (what `shapectl emergency show --json` prints: under_limit_s) and from those samples.
 (b) simulated: the same topology, load and failure through simulator.engine with 1 s steps;
-    caps come from coordinator.policy.shed, as in the live controller, on every 1 s report.
+    caps come from coordinator.policy.capping.shed, as in the live controller, on every 1 s report.
 
 What is comparable:
-- Both sides use nodeagent/gpu/physics.py and nodeagent/gpu/server_model.py: at the same
+- Both sides use shapeshifter/hw/physics.py and shapeshifter/hw/server_model.py: at the same
   activity (1.0 = the agents' `busy` load = a flat opaque shape at 1.0 without per-GPU jitter)
   the GPU, host and fan power are the same formulas, so the peak row power must agree closely.
 - Reports every 1 s on both sides (agents' report_interval_s = sampling interval = 1 s; the
@@ -32,15 +32,24 @@ What is not:
 - Power after the cut. The live controller plans once from the pre-cap draw and holds its caps
   (fans slow down under the caps, so the row ends below its target); the simulator re-plans on
   every report from the current fan draw and settles nearer the target. Shown, not asserted.
-- Live extras the simulator has not: Phase 2 clock locks and the rebalancer's reconfiguration
-  (both switched off here with --emergency-phase2-after-s 0 and --emergency-reconfigure-after-s
-  0), pre-arming, acknowledgements, re-issues. Temperatures (the agents' inlet is a constant
-  25 C; the simulator's comes from the inlet model) stay far below throttling at this load.
+- Phase 2 (`--phase2`, issue 18): both sides lock the capped GPUs at the clock that fits their
+  cap (coordinator.policy.capping.phase2, the same function): live once the row has been under its
+  limit for PHASE2_AFTER_S, simulated on every routing interval (set to the report interval).
+  Compared: the row's mean power over the last PHASE2_WINDOW_S (target: within 5 %) and
+  time-to-under-limit (within one report interval), and how many GPUs each side locked. The
+  agents here serve no LLM instance, so Phase 2's routing and reshape have nothing to move.
+  Without `--phase2` both sides run Phase 1 only.
+- Live extras the simulator has not: the rebalancer's reconfiguration (switched off here with
+  --emergency-reconfigure-after-s 0), pre-arming, acknowledgements, re-issues. Temperatures
+  (the agents' inlet is a constant 25 C; the simulator's comes from the inlet model) stay far
+  below throttling at this load.
 
     .venv/bin/python bench/sim_validation.py [--nodes 16] [--gpus 8] [--seconds 30]
 
+    .venv/bin/python bench/sim_validation.py --phase2 [...]
+
 The last line is: peak_row_power_diff_pct=X under_limit_diff_s=Y (live minus simulated;
-X relative to the live figure).
+X relative to the live figure); with --phase2 also phase2_row_power_diff_pct=Z.
 """
 
 from __future__ import annotations
@@ -62,11 +71,11 @@ import numpy as np
 
 from coordinator.profiles.schema import ProfileRow
 from coordinator.profiles.store import default_rows
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent.errors import NotFound
-from shapectl.cluster_cmds import cluster_status
-from shapectl.demo import UpsScript, demo_topology, start_cluster
-from shapectl.emergency_cmds import status_json as emergency_json
+from shapectl.commands.cluster import cluster_status
+from shapectl.commands.demo import UpsScript, demo_topology, start_cluster
+from shapectl.commands.emergency import status_json as emergency_json
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.common.errors import NotFound
 from simulator.engine import Engine
 from simulator.policies import SHED_MARGIN, Components, ComposedPolicy
 from simulator.scenario import Scenario
@@ -83,6 +92,8 @@ SAMPLE_INTERVAL_S = 0.5
 STARTUP_TIMEOUT_S = 90.0
 ROW_COUNT = 2  # demo_topology's rows
 NODE_MULTIPLE = 4  # demo_topology's racks: equal rows need a multiple of 4 nodes
+PHASE2_AFTER_S = 2.0  # live: under the limit this long -> Phase 2 clock locks
+PHASE2_WINDOW_S = 5.0  # the row's mean power over the run's last seconds (Phase 2 in force)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Setup:
     seconds: float = 30.0  # run length after every node reported
     emergency_at_s: float = 10.0  # UPS failure this long after every node reported
     seed: int = 0  # the simulator's seed (the agents' are fixed per node by start_cluster)
+    phase2: bool = False  # Phase 2 clock locks on both sides
 
     def __post_init__(self) -> None:
         if self.nodes < NODE_MULTIPLE or self.nodes % NODE_MULTIPLE or self.nodes > 64:
@@ -109,6 +121,8 @@ class SideResult:
     under_limit_s: float  # failure -> the row under its new limit (-1: never)
     sampled_under_limit_s: float  # the same from the 0.5 s samples (live) or the steps (sim)
     final_row_power_w: float  # the failing row at the end of the run
+    end_row_power_w: float = 0.0  # its mean over the last PHASE2_WINDOW_S
+    gpus_locked: int = 0  # GPUs under a Phase 2 clock lock at the end
 
 
 # ---------------------------------------------------------------- (b) the simulator
@@ -124,7 +138,7 @@ def validation_scenario(setup: Setup) -> Scenario:
                     "aisle_provision_frac": AISLE_LIMIT_FRAC},
         "opaque": {"shape": "flat", "tenants": 1, "mean_activity": 1.0, "amplitude": 0.0,
                    "gpu_jitter": 0.0},
-        "cadence": {"report_s": REPORT_INTERVAL_S},
+        "cadence": {"report_s": REPORT_INTERVAL_S, "route_s": REPORT_INTERVAL_S},
         "failures": [{"kind": "ups", "at_s": setup.emergency_at_s, "target": SIM_ROW,
                       "capacity_frac": CAPACITY}],
         "policies": ["baseline"]})
@@ -147,15 +161,20 @@ def stand_in_profiles(scenario: Scenario) -> list[ProfileRow]:
 def simulate_side(setup: Setup, trace: Trace) -> tuple[SideResult, Any]:
     """Run the simulator; returns its figures and its Metrics (row power per step)."""
     scenario = validation_scenario(setup)
-    policy = ComposedPolicy("live-validation", Components(priority_shed=True))
-    m = Engine(scenario, trace, policy, profile_rows=stand_in_profiles(scenario)).run()
+    policy = ComposedPolicy("live-validation", Components(priority_shed=True,
+                                                          phase2=setup.phase2))
+    engine = Engine(scenario, trace, policy, profile_rows=stand_in_profiles(scenario))
+    m = engine.run()
     power_w, limit_w = m.row_power_w[:, SIM_ROW], m.row_limit_w[:, SIM_ROW]
     at_s = setup.emergency_at_s
     under = first_under_s(m.t_s - at_s, power_w, limit_w)
     before = m.t_s < at_s
+    end = m.t_s >= m.t_s[-1] - PHASE2_WINDOW_S
     return SideResult(peak_row_power_w=float(power_w[before].max()),
                       limit_w=float(limit_w[-1]), under_limit_s=under,
-                      sampled_under_limit_s=under, final_row_power_w=float(power_w[-1])), m
+                      sampled_under_limit_s=under, final_row_power_w=float(power_w[-1]),
+                      end_row_power_w=float(power_w[end].mean()),
+                      gpus_locked=int(engine.phase2_locked.sum())), m
 
 
 def first_under_s(rel_t_s: np.ndarray, power_w: np.ndarray, limit_w: np.ndarray) -> float:
@@ -174,7 +193,8 @@ def live_side(setup: Setup, workdir: Path) -> tuple[SideResult, dict[str, Any]]:
         workdir, setup.nodes, GPU_TYPE, setup.gpus, sim_load="busy",
         report_interval_s=REPORT_INTERVAL_S, topology=topology,
         coordinator_args=["--log-level", "warning", "--emergency-margin-frac", str(SHED_MARGIN),
-                          "--emergency-phase2-after-s", "0",
+                          "--emergency-phase2-after-s",
+                          str(PHASE2_AFTER_S if setup.phase2 else 0),
                           "--emergency-reconfigure-after-s", "0"])
     try:
         all_up_mono_s = wait_all_reported(cluster.coordinator_addr, setup)
@@ -186,7 +206,7 @@ def live_side(setup: Setup, workdir: Path) -> tuple[SideResult, dict[str, Any]]:
     if ups.error or ups.status is None:
         raise RuntimeError(f"the emergency failed: {ups.error or 'never declared'}")
     shown = emergency_json(ups.status)
-    return live_figures(samples, shown), shown
+    return live_figures(samples, shown, setup.seconds), shown
 
 
 def wait_all_reported(address: str, setup: Setup) -> float:
@@ -225,17 +245,27 @@ def sample_rows(address: str, ups: UpsScript, all_up_mono_s: float,
     return samples
 
 
-def live_figures(samples: list[tuple[float, float]], shown: dict[str, Any]) -> SideResult:
+def live_figures(samples: list[tuple[float, float]], shown: dict[str, Any],
+                 seconds: float = math.inf) -> SideResult:
     t0 = float(shown["declared_at_unix_s"])
     limit_w = float(shown["power_limit_w"])
     rel_t_s = np.array([t for t, _ in samples]) - t0
     power_w = np.array([p for _, p in samples])
     before = rel_t_s < 0
+    end = rel_t_s >= rel_t_s[-1] - PHASE2_WINDOW_S
     return SideResult(peak_row_power_w=float(power_w[before].max()), limit_w=limit_w,
                       under_limit_s=float(shown["under_limit_s"]),
                       sampled_under_limit_s=first_under_s(rel_t_s, power_w,
                                                           np.full(len(power_w), limit_w)),
-                      final_row_power_w=float(power_w[-1]))
+                      final_row_power_w=float(power_w[-1]),
+                      end_row_power_w=float(power_w[end].mean()),
+                      gpus_locked=phase2_locks(shown))
+
+
+def phase2_locks(shown: dict[str, Any]) -> int:
+    """Clock locks of the emergency's Phase 2 events (its timeline in `show --json`)."""
+    return sum(int(e.get("detail", {}).get("clock_locks", 0))
+               for e in shown.get("timeline", []) if e.get("kind") == "phase2")
 
 
 # ---------------------------------------------------------------- comparison
@@ -243,14 +273,18 @@ def live_figures(samples: list[tuple[float, float]], shown: dict[str, Any]) -> S
 def differences(live: SideResult, sim: SideResult) -> dict[str, float]:
     return {"peak_row_power_diff_pct": 100.0 * (live.peak_row_power_w - sim.peak_row_power_w)
             / live.peak_row_power_w,
-            "under_limit_diff_s": live.under_limit_s - sim.under_limit_s}
+            "under_limit_diff_s": live.under_limit_s - sim.under_limit_s,
+            "phase2_row_power_diff_pct": 100.0 * (live.end_row_power_w - sim.end_row_power_w)
+            / live.end_row_power_w}
 
 
 def table(live: SideResult, sim: SideResult) -> str:
     rows = [("peak row power before, W", "peak_row_power_w"), ("row limit during, W", "limit_w"),
             ("time to under limit, s", "under_limit_s"),
             ("  from the samples, s", "sampled_under_limit_s"),
-            ("row power at the end, W", "final_row_power_w")]
+            ("row power at the end, W", "final_row_power_w"),
+            (f"  mean of the last {PHASE2_WINDOW_S:g} s, W", "end_row_power_w"),
+            ("GPUs clock-locked (Phase 2)", "gpus_locked")]
     lines = [f"{'':28} {'live':>10} {'simulated':>10} {'live-sim':>10} {'rel':>7}"]
     for label, key in rows:
         a, b = getattr(live, key), getattr(sim, key)
@@ -285,8 +319,12 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, help="logs, state and db here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.add_argument("--phase2", action="store_true",
+                   help="Phase 2 clock locks on both sides (live after "
+                        f"{PHASE2_AFTER_S:g} s under the limit)")
     args = p.parse_args()
-    setup = Setup(args.nodes, args.gpus, args.seconds, args.emergency_at, args.seed)
+    setup = Setup(args.nodes, args.gpus, args.seconds, args.emergency_at, args.seed,
+                  args.phase2)
     live, sim, _ = run(setup, args.workdir, args.keep)
     diff = differences(live, sim)
     print(f"{setup.nodes} nodes x {setup.gpus} {GPU_TYPE}, {ROW_COUNT} rows, busy load; "
@@ -296,8 +334,11 @@ def main() -> int:
     if args.json:
         print(json.dumps({"live": dataclasses.asdict(live), "simulated": dataclasses.asdict(sim),
                           **diff}))
-    print(f"peak_row_power_diff_pct={diff['peak_row_power_diff_pct']:.3f} "
-          f"under_limit_diff_s={diff['under_limit_diff_s']:.3f}")
+    last = (f"peak_row_power_diff_pct={diff['peak_row_power_diff_pct']:.3f} "
+            f"under_limit_diff_s={diff['under_limit_diff_s']:.3f}")
+    if setup.phase2:
+        last += f" phase2_row_power_diff_pct={diff['phase2_row_power_diff_pct']:.3f}"
+    print(last)
     return 0
 
 

@@ -15,15 +15,15 @@ from google.protobuf import json_format
 
 from coordinator import leases
 from coordinator.registry import NodeRecord, Registry
+from coordinator.rpc import agent_codec
 from coordinator.session import AgentSession
 from coordinator.state import ClusterRollups, NodeView, rollup
-from coordinator.store import AuditRecord, Store
-from coordinator.topology import Topology
-from coordinator.v1 import coordinator_pb2
+from coordinator.store.sqlite import AuditRecord, Store
 from coordinator.validation import validate_action
-from nodeagent import errors
-from nodeagent.clock import Clock
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2, link_pb2
+from shapeshifter.common import errors
+from shapeshifter.common.clock import Clock
+from shapeshifter.topology import Topology
 
 _ERRORS_BY_CODE: dict[str, type[errors.DomainError]] = {
     "INVALID_ARGUMENT": errors.InvalidArgument,
@@ -91,8 +91,8 @@ class CoordinatorCore:
 
     # ---------------------------------------------------------------- agent link
 
-    def register(self, msg: coordinator_pb2.Register,
-                 session: AgentSession) -> tuple[NodeRecord, coordinator_pb2.Registered]:
+    def register(self, msg: link_pb2.Register,
+                 session: AgentSession) -> tuple[NodeRecord, link_pb2.Registered]:
         if not msg.node_id:
             raise errors.InvalidArgument("register.node_id must not be empty", field="node_id")
         rec = self.registry.register(msg, session)
@@ -103,10 +103,9 @@ class CoordinatorCore:
                        topology_known=known, gpus=len(msg.gpus), version=msg.software_version)
         if not known:
             self._log.warning("node_topology_unknown", node_id=rec.node_id, labels=rec.labels)
-        return rec, coordinator_pb2.Registered(node_id=rec.node_id, epoch=self.epoch,
-                                               topology_known=known, message=note)
+        return rec, agent_codec.registered(rec.node_id, self.epoch, known, note)
 
-    def report(self, rec: NodeRecord, report: coordinator_pb2.NodeReport) -> agent_pb2.Lease | None:
+    def report(self, rec: NodeRecord, report: link_pb2.NodeReport) -> agent_pb2.Lease | None:
         """Ingest one report; returns a lease to send when a (re)grant or renewal is due."""
         if not self.registry.ingest(rec, report):
             return None
@@ -123,7 +122,7 @@ class CoordinatorCore:
                  or dict(rec.lease.gpu_power_limit_w) != caps_w)
         if fresh:
             rec.grants += 1
-            rec.lease = leases.make_lease(rec.node_id, self.epoch, rec.grants,
+            rec.lease = agent_codec.lease(rec.node_id, self.epoch, rec.grants,
                                           self.lease_policy.ttl_s, caps_w)
             self.store.save_lease(rec.node_id, rec.lease, self.clock.time())
             self._log.info("lease_granted", node_id=rec.node_id, lease_id=rec.lease.lease_id,
@@ -176,8 +175,7 @@ class CoordinatorCore:
         validate_action(rec.report, action)
         if rec.session is None or rec.session.closed:
             raise errors.Unavailable(f"node {node_id} is not connected", field="node_id")
-        plan = agent_pb2.Plan(plan_id=uuid.uuid4().hex, epoch=self.epoch, actions=[action],
-                              reason="operator pass-through")
+        plan = agent_codec.plan([action], self.epoch, "operator pass-through")
         kind = action.WhichOneof("kind") or ""
         timeout_s = (self.instance_action_timeout_s if kind.endswith("_instance")
                      else self.action_timeout_s)

@@ -24,32 +24,33 @@ from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
 from coordinator import metrics
-from coordinator.admin_server import CoordinatorServicer
 from coordinator.core import CoordinatorCore
-from coordinator.emergency import (
+from coordinator.emergency.controller import (
     EmergencyController,
     add_emergency_args,
     emergency_settings_from_args,
 )
-from coordinator.emergency_server import add_emergency_service
-from coordinator.etcd import EtcdError
-from coordinator.ha import add_ha_args, check_ha_args, run_replica
-from coordinator.hierarchy import (
+from coordinator.ha.etcd import EtcdError
+from coordinator.ha.replica import add_ha_args, check_ha_args, run_replica
+from coordinator.hierarchy.wiring import (
     add_hierarchy_args,
     hierarchy_settings_from_args,
     leaf_tasks,
     serve_parent,
 )
 from coordinator.leases import LeasePolicy
-from coordinator.link_server import AgentLinkServicer
-from coordinator.rebalance_server import add_rebalance_services, routes_json
-from coordinator.rebalancer import (
+from coordinator.rebalance.loop import (
     Rebalancer,
     add_rebalance_args,
     load_profile_rows,
     rebalance_settings_from_args,
 )
-from coordinator.routes_http import start_routes_http
+from coordinator.rpc.admin import CoordinatorServicer
+from coordinator.rpc.emergency import add_emergency_service
+from coordinator.rpc.link import AgentLinkServicer
+from coordinator.rpc.rebalance import add_rebalance_services, routes_json
+from coordinator.rpc.routes_http import start_routes_http
+from coordinator.rpc.util import add_health_and_reflection
 from coordinator.security import (
     CoordinatorSecurity,
     add_security_args,
@@ -57,16 +58,15 @@ from coordinator.security import (
     interceptors,
     security_from_args,
 )
-from coordinator.servicer_util import add_health_and_reflection
-from coordinator.state_stores import StateStores, sqlite_stores
-from coordinator.topology import Topology, load_topology
-from coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from nodeagent.authz import Authorizer
-from nodeagent.clock import Clock, SystemClock
-from nodeagent.errors import DomainError, out_of_range
-from nodeagent.logging import configure_logging
-from nodeagent.sdnotify import Notifier
-from nodeagent.transport import bind
+from coordinator.store.base import StateStores, sqlite_stores
+from shapeshifter.api.v1 import coordinator_pb2, coordinator_pb2_grpc, link_pb2, link_pb2_grpc
+from shapeshifter.common.clock import Clock, SystemClock
+from shapeshifter.common.errors import DomainError, out_of_range
+from shapeshifter.common.logging import configure_logging
+from shapeshifter.common.sdnotify import Notifier
+from shapeshifter.net.authz import Authorizer
+from shapeshifter.net.transport import bind
+from shapeshifter.topology import Topology, load_topology
 
 EXIT_CONFIG = 2
 SLOW_FLUSH_S = 0.05
@@ -223,11 +223,11 @@ async def build_server(
     server = grpc.aio.server(interceptors=interceptors(authorizer, core))
     identify = caller(authorizer)
     link = AgentLinkServicer(core, identify=identify)
-    coordinator_pb2_grpc.add_AgentLinkServicer_to_server(link, server)
+    link_pb2_grpc.add_AgentLinkServicer_to_server(link, server)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
         CoordinatorServicer(core, link, identify=identify), server)
-    names = [coordinator_pb2.DESCRIPTOR.services_by_name[s].full_name
-             for s in ("AgentLink", "Coordinator")]
+    names = [link_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
+             coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name]
     for add in extra:
         names.extend(add(server))
     return server, await add_health_and_reflection(server, names)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nodeagent.errors import out_of_range
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.common.errors import out_of_range
 
 TTL_RANGE_S = (0.5, 3600.0)
 
@@ -37,11 +37,3 @@ class LeasePolicy:
 def normal_caps_w(gpus: Iterable[agent_pb2.Gpu]) -> dict[int, float]:
     """The caps a healthy node runs under: each GPU's maximum settable power limit."""
     return {g.index: g.power_limit_max_w for g in gpus if g.power_limit_max_w > 0}
-
-
-def make_lease(node_id: str, epoch: int, grant: int, ttl_s: float,
-               caps_w: dict[int, float]) -> agent_pb2.Lease:
-    """A lease; ``grant`` numbers the grants to this node within one epoch."""
-    return agent_pb2.Lease(
-        lease_id=f"{node_id}/e{epoch}/g{grant}", epoch=epoch, ttl_s=ttl_s, gpu_power_limit_w=caps_w
-    )

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 from coordinator.session import AgentSession
 from coordinator.state import NodeLoad, NodeView, node_load
-from coordinator.store import StoredNode
-from coordinator.topology import Placement, Topology
-from coordinator.v1 import coordinator_pb2
-from nodeagent.clock import Clock
-from nodeagent.errors import NotFound
-from nodeagent.v1 import agent_pb2
+from coordinator.store.sqlite import StoredNode
+from shapeshifter.api.v1 import agent_pb2, link_pb2
+from shapeshifter.common.clock import Clock
+from shapeshifter.common.errors import NotFound
+from shapeshifter.topology import Placement, Topology
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Registry:
             raise NotFound(f"node_id={node_id!r} is not a known node", field="node_id")
         return rec
 
-    def register(self, msg: coordinator_pb2.Register, session: AgentSession) -> NodeRecord:
+    def register(self, msg: link_pb2.Register, session: AgentSession) -> NodeRecord:
         """Create or refresh a node from its Register message and attach its stream."""
         now_mono, now_unix = self._clock.monotonic(), self._clock.time()
         labels = dict(msg.labels)
@@ -91,7 +90,7 @@ class Registry:
         self.mark_dirty(rec)
         return rec
 
-    def ingest(self, rec: NodeRecord, report: coordinator_pb2.NodeReport) -> bool:
+    def ingest(self, rec: NodeRecord, report: link_pb2.NodeReport) -> bool:
         """Keep a report as the node's latest; False (ignored) when it is older than the last."""
         if report.seq and report.seq <= rec.seq:
             return False

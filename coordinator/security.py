@@ -15,7 +15,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from coordinator.core import CoordinatorCore
-from nodeagent.authz import (
+from shapeshifter.common.errors import InvalidArgument, PermissionDenied
+from shapeshifter.net.authz import (
     AioAuthInterceptor,
     Authorizer,
     Denial,
@@ -24,8 +25,7 @@ from nodeagent.authz import (
     coordinator_table,
     load_tokens,
 )
-from nodeagent.errors import InvalidArgument, PermissionDenied
-from nodeagent.transport import TlsFiles, TlsMaterial, check_plaintext, read_tls
+from shapeshifter.net.transport import TlsFiles, TlsMaterial, check_plaintext, read_tls
 
 TLS_FLAGS = ("--tls-cert", "--tls-key", "--tls-ca")
 

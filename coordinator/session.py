@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.v1 import coordinator_pb2
-from nodeagent.errors import Unavailable
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2, link_pb2
+from shapeshifter.common.errors import Unavailable
 
 
 class AgentSession:
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.outbox: asyncio.Queue[coordinator_pb2.CoordinatorMessage | None] = asyncio.Queue()
+        self.outbox: asyncio.Queue[link_pb2.CoordinatorMessage | None] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[agent_pb2.ApplyPlanResponse]] = {}
         self.closed = False
 
-    def send(self, msg: coordinator_pb2.CoordinatorMessage) -> None:
+    def send(self, msg: link_pb2.CoordinatorMessage) -> None:
         if self.closed:
             raise Unavailable(f"node {self.node_id} is not connected", field="node_id")
         self.outbox.put_nowait(msg)
@@ -35,7 +34,7 @@ class AgentSession:
         fut = asyncio.get_running_loop().create_future()
         self._pending[plan.plan_id] = fut
         try:
-            self.send(coordinator_pb2.CoordinatorMessage(plan=plan))
+            self.send(link_pb2.CoordinatorMessage(plan=plan))
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError as e:
             raise Unavailable(
@@ -45,7 +44,7 @@ class AgentSession:
         finally:
             self._pending.pop(plan.plan_id, None)
 
-    async def request(self, msg: coordinator_pb2.CoordinatorMessage, request_id: str,
+    async def request(self, msg: link_pb2.CoordinatorMessage, request_id: str,
                       timeout_s: float) -> agent_pb2.ApplyPlanResponse:
         """Send any message answered by a plan_result with plan_id=request_id (emergency caps,
         pre-armed caps) and wait for it. The message is queued before the first await."""

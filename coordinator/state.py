@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from coordinator.topology import Liveness, Placement, Topology
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.topology import Liveness, Placement, Topology
 
 UP, SUSPECT, LOST = "up", "suspect", "lost"
 

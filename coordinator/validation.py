@@ -6,8 +6,8 @@ clear INVALID_ARGUMENT without a round trip and keeps obviously bad plans off th
 
 from __future__ import annotations
 
-from nodeagent.errors import InvalidArgument, out_of_range
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.common.errors import InvalidArgument, out_of_range
 
 
 def gpu_of(node: agent_pb2.Node, gpu_index: int, field: str = "request.gpu_index") -> agent_pb2.Gpu:

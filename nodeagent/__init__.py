@@ -1,3 +1,1 @@
 """shapeshifter node agent: one per GPU server."""
-
-__version__ = "0.1.0"

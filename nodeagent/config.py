@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from nodeagent.errors import InvalidArgument
-from nodeagent.transport import check_plaintext, split_addresses
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.net.transport import check_plaintext, split_addresses
 
 ENV_PREFIX = "SHAPESHIFTER_NODEAGENT_"
 GPU_TYPES = ("a100-40gb", "a100-80gb", "h100-80gb")
@@ -194,7 +194,7 @@ class TlsConfig(_Section):
 
 
 class AuthConfig(_Section):
-    tokens_file: Path | None = None  # bearer tokens -> roles (nodeagent.authz.load_tokens)
+    tokens_file: Path | None = None  # bearer tokens -> roles (shapeshifter.net.authz.load_tokens)
 
 
 class AgentConfig(_Section):

@@ -10,44 +10,38 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.actuation import Actuator, check_failsafe_w, failsafe_ceilings_w
-from nodeagent.clock import Clock, SystemClock
+from nodeagent.actuation.actuator import Actuator
+from nodeagent.actuation.journal import Journal, JournalError
+from nodeagent.actuation.power import check_failsafe_w, failsafe_ceilings_w
 from nodeagent.config import AgentConfig, ConfigError, load_config
-from nodeagent.emergency import EmergencyGuard
-from nodeagent.errors import DomainError
-from nodeagent.gpu.backend import GpuBackend
-from nodeagent.journal import Journal, JournalError
-from nodeagent.lease import LeaseKeeper
-from nodeagent.link import CoordinatorLink, LinkSettings
-from nodeagent.logging import configure_logging, get_logger
-from nodeagent.metrics import serve_metrics
-from nodeagent.sampler import NodeIdentity, SafetyView, Sampler
-from nodeagent.sdnotify import Notifier
+from nodeagent.device.backend import GpuBackend
+from nodeagent.rpc.link import CoordinatorLink, LinkSettings
+from nodeagent.rpc.server import AgentServer, NodeAgentServicer
+from nodeagent.safety.emergency import EmergencyGuard
+from nodeagent.safety.lease import LeaseKeeper
+from nodeagent.safety.thermal import GuardSettings, ThermalGuard
 from nodeagent.security import agent_security
-from nodeagent.server import AgentServer, NodeAgentServicer
-from nodeagent.thermal_guard import GuardSettings, ThermalGuard
+from nodeagent.telemetry.metrics import serve_metrics
+from nodeagent.telemetry.sampler import NodeIdentity, SafetyView, Sampler
+from shapeshifter import __version__
+from shapeshifter.common.clock import Clock, SystemClock
+from shapeshifter.common.errors import DomainError
+from shapeshifter.common.logging import configure_logging, get_logger
+from shapeshifter.common.sdnotify import Notifier
 
 
 class StartupError(Exception):
     """The agent cannot start; the message says why."""
 
 
-def software_version() -> str:
-    try:
-        return version("shapeshifter")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def make_backend(cfg: AgentConfig, clock: Clock) -> GpuBackend:
     """The configured backend. NVML failing is fatal: never a silent switch to sim."""
     if cfg.backend == "sim":
-        from nodeagent.gpu.sim import SimulatedBackend
+        from nodeagent.device.sim import SimulatedBackend
 
         s = cfg.sim
         return SimulatedBackend(
@@ -58,7 +52,7 @@ def make_backend(cfg: AgentConfig, clock: Clock) -> GpuBackend:
             inlet_temp_c=s.inlet_temp_c,
             node_name=cfg.node.id,
         )
-    from nodeagent.gpu.nvml import NvmlBackend
+    from nodeagent.device.nvml import NvmlBackend
 
     return NvmlBackend()
 
@@ -72,7 +66,7 @@ def sim_load_driver(backend: Any, load: str, seed: int) -> Callable[[float], Non
     (busy), or nothing (idle)."""
     if load == "idle":
         return None
-    from nodeagent.gpu.simload import demo_load
+    from nodeagent.device.simload import demo_load
 
     totals_mib = {d.index: d.memory_total_mib for d in backend.devices()}
     last_s: list[float] = []
@@ -192,7 +186,7 @@ def _make_sampler(
         settings = GuardSettings(g.margin_c, g.hysteresis_c, g.step_frac, g.cooldown_s)
         guard = ThermalGuard(actuator, clock, log, settings)
     drive = sim_load_driver(backend, cfg.sim.load, cfg.sim.seed) if cfg.backend == "sim" else None
-    identity = NodeIdentity(cfg.node.id, dict(cfg.node.labels), backend.kind, software_version())
+    identity = NodeIdentity(cfg.node.id, dict(cfg.node.labels), backend.kind, __version__)
     return Sampler(
         backend,
         actuator,

@@ -7,9 +7,15 @@ from typing import Any
 
 import grpc
 
-from nodeagent.authz import AuthInterceptor, Authorizer, Denial, agent_table, load_tokens
 from nodeagent.config import AgentConfig
-from nodeagent.transport import TlsFiles, TlsMaterial, channel_credentials, is_loopback, read_tls
+from shapeshifter.net.authz import AuthInterceptor, Authorizer, Denial, agent_table, load_tokens
+from shapeshifter.net.transport import (
+    TlsFiles,
+    TlsMaterial,
+    channel_credentials,
+    is_loopback,
+    read_tls,
+)
 
 
 @dataclass(frozen=True)

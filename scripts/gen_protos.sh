@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the committed protobuf/gRPC modules from proto/. Output mirrors the proto paths:
-# proto/nodeagent/v1/agent.proto -> nodeagent/v1/agent_pb2.py (+ _grpc.py, .pyi).
+# proto/shapeshifter/api/v1/agent.proto -> shapeshifter/api/v1/agent_pb2.py (+ _grpc.py, .pyi).
 # Usage: scripts/gen_protos.sh [OUT_DIR]   (default: the repository root)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

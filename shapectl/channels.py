@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nodeagent.errors import InvalidArgument
-from nodeagent.transport import (
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.net.transport import (
     TlsFiles,
     TlsMaterial,
     channel_credentials,
@@ -103,7 +103,8 @@ def client_channel(args: Any, address: str) -> grpc.Channel:
 def leader_of(addresses: list[str], security: ClientSecurity | None,
               timeout_s: float = 2.0) -> str:
     """The replica that serves; a follower's refusal names the leader (trailing metadata
-    `shapeshifter-leader`, coordinator.ha). When none answers, the first address (the command
+    `shapeshifter-leader`, coordinator.ha.replica). When none answers, the first address (the
+    command
     then fails with that replica's error)."""
     for address in addresses:
         with open_channel(address, security) as channel:

@@ -9,24 +9,25 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from nodeagent.transport import split_addresses
-from shapectl import (
-    agent_cmds,
-    classify_cmds,
-    cluster_cmds,
-    emergency_cmds,
-    instance_cmds,
-    plan_cmds,
-    profile_cmds,
-    simulate_cmds,
-    trace_cmds,
-)
 from shapectl.channels import ChannelError, add_security_args, client_security, leader_of
+from shapectl.commands import (
+    agent,
+    classify,
+    cluster,
+    demo,
+    emergency,
+    instance,
+    plan,
+    profile,
+    simulate,
+    trace,
+)
 from shapectl.targets import TargetError
+from shapeshifter.net.transport import split_addresses
 
 # Each module exposes register(subparsers); its subparsers set `func(args) -> int`.
-COMMAND_MODULES = [agent_cmds, instance_cmds, profile_cmds, classify_cmds, cluster_cmds,
-                   simulate_cmds, emergency_cmds, plan_cmds, trace_cmds]
+COMMAND_MODULES = [agent, instance, profile, classify, cluster, demo, simulate, emergency, plan,
+                   trace]
 
 DEFAULT_COORDINATOR = "127.0.0.1:50050"
 

@@ -12,12 +12,12 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from coordinator.servicer_util import ACTOR_METADATA_KEY
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from nodeagent.v1 import agent_pb2 as pb
-from nodeagent.v1 import agent_pb2_grpc as pb_grpc
+from coordinator.rpc.util import ACTOR_METADATA_KEY
 from shapectl.channels import ClientSecurity, open_channel
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2_grpc as pb_grpc
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
 
 
 class Target(Protocol):

@@ -1,6 +1,6 @@
 """The physical layout: rows (power feeds), racks, aisles (airflow), servers, GPUs.
 
-The inlet model is the coordinator's (coordinator.topology, TAPAS eq. 1): the layout builds a
+The inlet model is the coordinator's (shapeshifter.topology, TAPAS eq. 1): the layout builds a
 `Topology` and asks it for each server's inlet temperature; only the site-load term changes over
 time, so it is kept as a base plus a slope.
 """
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.topology import Aisle, Rack, Row, Site, Topology
-from nodeagent.gpu.models import GpuModel, gpu_model
-from nodeagent.gpu.server_model import ServerModel, server_model_for
+from shapeshifter.hw.models import GpuModel, gpu_model
+from shapeshifter.hw.server_model import ServerModel, server_model_for
+from shapeshifter.topology import Aisle, Rack, Row, Site, Topology
 from simulator.scenario import ClusterSpec
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.policy import capacity, configure, shaping
-from nodeagent.gpu import physics
+from coordinator.policy.capping import shed as shed_policy
+from shapeshifter.hw import physics
 from simulator.observe import Observation
 from simulator.state import READY, STARTING, View
 
@@ -52,6 +53,10 @@ class ShapingLoop:
     saturated_frac: np.ndarray = field(default_factory=lambda: np.zeros(0))
     completions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     clock_floor_mhz: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # The opaque tenants' relative performance measured so far (sum, samples): the contract's
+    # accounting period is the run.
+    opaque_perf_sum: float = 0.0
+    opaque_perf_n: int = 0
 
     def __post_init__(self) -> None:
         self.corrections = [capacity.CorrectionState() for _ in range(self.n_endpoints)]
@@ -86,9 +91,30 @@ class ShapingLoop:
             self.corrections[e] = capacity.update_correction(self.corrections[e], o,
                                                              self.correction_config)
         self._update_clock_floor(view, obs)
+        self._measure_opaque(view)
         excess, movable = self._row_excess(view)
         self.row_weight = shaping.update_row_weights(self.row_weight, excess, movable,
                                                      self.shaping_config)
+
+    def _measure_opaque(self, view: View) -> None:
+        """Relative performance of the busy opaque GPUs at their clocks now (what the agents
+        report), accumulated for the shedding's deep weight."""
+        if view.gpu_clock_mhz is None:
+            return
+        m = view.cluster.gpu
+        busy = view.opaque & (view.gpu_power_w > m.idle_power_w + 1.0)
+        if not busy.any():
+            return
+        rel = physics.relative_throughput(view.gpu_clock_mhz[busy], m.sm_max_clock_mhz,
+                                          shed_policy.OPAQUE_DECODE_FRAC)
+        self.opaque_perf_sum += float(np.sum(rel))
+        self.opaque_perf_n += int(busy.sum())
+
+    def saas_deep_weight(self) -> float:
+        """coordinator.policy.capping.shed.deep_weight_for on the opaque performance measured so
+        far."""
+        perf = self.opaque_perf_sum / self.opaque_perf_n if self.opaque_perf_n else None
+        return shed_policy.deep_weight_for(perf)
 
     def _update_clock_floor(self, view: View, obs: Observation) -> None:
         m = view.cluster.gpu
@@ -182,6 +208,18 @@ class ShapingLoop:
         hosting = f.hosting()
         out[~hosting] = np.nan
         out[hosting & (out >= m.sm_max_clock_mhz)] = np.nan
+        return out
+
+    def latency_clock_mhz(self, view: View) -> np.ndarray:
+        """Per GPU, the clock its endpoint's measured lateness asks for (the clock floor); NaN
+        for GPUs serving nothing and before a late window has been seen."""
+        out = np.full(view.cluster.n_gpus, np.nan)
+        if self.obs is None or len(self.completions) * self.obs.interval_s < LATE_WINDOW_S:
+            return out
+        f = view.fleet
+        hosting = f.hosting()
+        out[hosting] = np.minimum(self.clock_floor_mhz[f.endpoint[hosting]],
+                                  view.cluster.gpu.sm_max_clock_mhz)
         return out
 
     def _ceilings(self, view: View) -> np.ndarray:

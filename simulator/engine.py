@@ -17,7 +17,7 @@ import numpy as np
 from coordinator.policy.model import Limits
 from coordinator.profiles.schema import ProfileRow
 from coordinator.profiles.store import default_rows
-from nodeagent.gpu import physics
+from shapeshifter.hw import physics
 from simulator import shapes
 from simulator.cluster import Cluster, build_cluster
 from simulator.gpus import GpuArrays, operating_clock_mhz
@@ -92,6 +92,8 @@ class Engine:
         self.server_inlet_c = c.inlet_base_c.copy()
         self._rollup()
         self.weights = np.zeros(c.n_gpus)
+        self.controller_mhz = np.full(c.n_gpus, np.nan)  # the clock controller's locks
+        self.phase2_locked = np.zeros(c.n_gpus, bool)  # locked by Phase 2 now
         self.demand_ewma = self._rate_at(0.0)
         self.recent = np.zeros((max(1, int(RECENT_WINDOW_S / s.step_s)), self.n_endpoints))
         self.metrics = Metrics(s, c, self.n_endpoints)
@@ -154,6 +156,9 @@ class Engine:
     def _placement_inputs(self, role_counts: list[tuple[int, int]], phases: np.ndarray
                           ) -> PlacementInputs:
         c = self.cluster
+        n, max_w = c.gpus_per_server, c.gpu.power.max_w
+        idle_cfm = c.server.airflow_cfm(0.0, n)
+        cfm_per_w = (c.server.airflow_cfm(1.0, n) - idle_cfm) / (n * max_w)
         limits = Limits(row_power_limit_w={f"row{r}": float(v)
                                            for r, v in enumerate(c.row_limit_w)},
                         aisle_airflow_cfm={f"aisle{a}": float(v)
@@ -162,7 +167,8 @@ class Engine:
                                c.server_aisle, c.inlet_base_c, c.gpu.idle_power_w,
                                c.gpu.thermal_c_per_w, limits,
                                self._role_profiles_w(role_counts, phases),
-                               float(c.server.idle_power_w(c.gpus_per_server)))
+                               float(c.server.idle_power_w(c.gpus_per_server)),
+                               idle_server_cfm=idle_cfm, cfm_per_gpu_w=cfm_per_w)
 
     def _role_profiles_w(self, role_counts: list[tuple[int, int]], phases: np.ndarray
                          ) -> dict[int, np.ndarray]:
@@ -241,10 +247,24 @@ class Engine:
             if self.policy.scale_out(view):
                 self._apply_plan(self.policy.plan(view, self.static_count, grow_only=True), t_s)
                 view = self._view(t_s)  # the plan changed the fleet
+        self._phase2(view)
         self.weights = self.policy.route(view)
         clocks = self.policy.clocks(view)
         if clocks is not None:
             self._set_clocks(clocks)
+
+    def _phase2(self, view: View) -> None:
+        """Phase 2 on the caps in force: capped GPUs locked at their clock point (not above the
+        clock controller's lock); a GPU whose cap was lifted drops its Phase 2 lock."""
+        locks = self.policy.phase2(view, self.gpus.power_limit_w, self.activity)
+        if locks is None:
+            return
+        g = self.gpus
+        released = self.phase2_locked & np.isnan(locks)
+        g.locked_max_mhz[released] = self.controller_mhz[released]
+        new = ~np.isnan(locks)
+        g.locked_max_mhz[new] = np.fmin(self.controller_mhz[new], locks[new])
+        self.phase2_locked = new
 
     def _set_clocks(self, clocks: np.ndarray) -> None:
         old = self.gpus.locked_max_mhz
@@ -252,6 +272,7 @@ class Engine:
         # caps were planned from the draw at that lock, and raising it between two reports
         # would take the row over its limit before the next re-plan.
         capped = self.gpus.power_limit_w < self.cluster.gpu.power.max_w
+        self.controller_mhz = clocks.copy()
         clocks = np.where(capped, old, clocks)
         changed = ~((np.isnan(old) & np.isnan(clocks)) | (old == clocks))
         self.metrics.clock_changes += int(changed.sum())
@@ -266,7 +287,7 @@ class Engine:
                     row_limit_w=self.row_limit_w, aisle_limit_cfm=self.aisle_limit_cfm,
                     server_power_w=self.server_power_w, server_cfm=self.server_cfm,
                     server_inlet_c=self.server_inlet_c, demand_rps=self._demand_rps(t_s),
-                    locked_mhz=self.gpus.locked_max_mhz)
+                    locked_mhz=self.gpus.locked_max_mhz, gpu_clock_mhz=self.gpus.clock_mhz)
 
     def _demand_rps(self, t_s: float) -> np.ndarray:
         if t_s <= 0:
@@ -447,11 +468,14 @@ class Engine:
         self.aisle_cfm = np.bincount(c.server_aisle, self.server_cfm, minlength=c.n_aisles)
 
     def _uncapped_w(self) -> np.ndarray:
-        """Each GPU's draw at its current activity without a power limit."""
+        """Each GPU's draw at its current activity without the emergency's measures: no power
+        limit, and the clock controller's lock instead of a Phase 2 one (else the scope would
+        look released while only the Phase 2 locks hold it under its limit)."""
         m, g = self.cluster.gpu, self.gpus
+        locks = np.where(self.phase2_locked, self.controller_mhz, g.locked_max_mhz)
         clock, _, _ = operating_clock_mhz(m, self.activity, np.full_like(g.power_limit_w,
                                                                          m.power.max_w),
-                                          g.locked_max_mhz, g.temperature_c)
+                                          locks, g.temperature_c)
         return physics.power_w(self.activity, clock, m.sm_max_clock_mhz, m.idle_power_w,
                                m.dynamic_power_max_w)
 

@@ -1,6 +1,6 @@
 """All GPUs of the cluster as numpy arrays, stepped with the sim backend's physics.
 
-Every formula is nodeagent.gpu.physics (the functions accept arrays); this module only does what
+Every formula is shapeshifter.hw.physics (the functions accept arrays); this module only does what
 SimulatedBackend._operating_point and _step do per GPU, for all GPUs at once: target clock (locked,
 idle or max), thermal ceiling, the highest table clock that fits the power limit, power, energy and
 the first-order temperature lag.
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodeagent.gpu import physics
-from nodeagent.gpu.models import GpuModel
-from nodeagent.gpu.sim import TEMP_OFFSET_SPREAD_C
+from shapeshifter.hw import physics
+from shapeshifter.hw.models import GpuModel
 
 CLOCK_STEP_MHZ = 15.0  # models.py clock tables are 15 MHz apart, ending exactly at the max
 _MIN_ACTIVITY = 1e-9  # clock_at_power_mhz divides by the activity
@@ -36,7 +35,7 @@ class GpuArrays:
     @classmethod
     def create(cls, model: GpuModel, n: int, inlet_c: np.ndarray,
                rng: np.random.Generator) -> GpuArrays:
-        offset_c = rng.uniform(0.0, TEMP_OFFSET_SPREAD_C, n)
+        offset_c = rng.uniform(0.0, physics.TEMP_OFFSET_SPREAD_C, n)
         temp_c = physics.steady_temperature_c(inlet_c, model.idle_power_w, model.thermal_c_per_w,
                                               offset_c)
         return cls(model=model, power_limit_w=np.full(n, model.power.default_w),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nodeagent.gpu import physics
+from shapeshifter.hw import physics
 from simulator.cluster import Cluster
 from simulator.scenario import Scenario
 from simulator.service import Completed
@@ -32,6 +32,11 @@ class Metrics:
         self.aisle_limit_cfm = np.zeros((n_steps, cluster.n_aisles))
         self.max_temp_c = np.zeros(n_steps)
         self.row_constrained = np.zeros((n_steps, cluster.n_rows), bool)
+        # Requests completed per step, and of them within the SLO (SLO over capped windows).
+        self.completed_by_step = np.zeros(n_steps, np.int64)
+        self.within_by_step = np.zeros(n_steps, np.int64)
+        self._step_completed = 0
+        self._step_within = 0
         self.gpus_hosting = np.zeros(n_steps, np.int64)
         self.in_flight = np.zeros(n_steps, np.int64)
         self.cluster_power_w = np.zeros(n_steps)
@@ -59,8 +64,11 @@ class Metrics:
         n = len(c.e2e_s)
         if n == 0:
             return
+        within = int((c.e2e_s <= self.scenario.workload.slo_s).sum())
         self.completed += n
-        self.within_slo += int((c.e2e_s <= self.scenario.workload.slo_s).sum())
+        self.within_slo += within
+        self._step_completed += n
+        self._step_within += within
         self.output_tokens += int(c.output_tokens.sum())
         self.prompt_tokens += int(c.prompt_tokens.sum())
         self.e2e_hist += np.bincount(np.searchsorted(LATENCY_BINS_S, c.e2e_s),
@@ -79,9 +87,13 @@ class Metrics:
         self.aisle_cfm[k] = eng.aisle_cfm
         self.aisle_limit_cfm[k] = eng.aisle_limit_cfm
         self.max_temp_c[k] = g.temperature_c.max()
-        constrained = (g.power_limit_w < c.gpu.power.max_w) | g.thermal_throttled
+        # Caps, Phase 2 clock locks and thermal throttling all count as capping in force.
+        constrained = ((g.power_limit_w < c.gpu.power.max_w) | g.thermal_throttled
+                       | eng.phase2_locked)
         self.row_constrained[k] = np.bincount(eng.gpu_row[constrained],
                                               minlength=c.n_rows) > 0
+        self.completed_by_step[k], self.within_by_step[k] = self._step_completed, self._step_within
+        self._step_completed = self._step_within = 0
         hosting = eng.fleet.hosting()
         self.gpus_hosting[k] = int(hosting.sum())
         self.in_flight[k] = len(eng.pool)
@@ -111,7 +123,11 @@ class Metrics:
             "peak_row_power_frac_of_limit": round(peak_w / float(limit0.max()), 4),
             "peak_row_power_1min_w": round(self._peak_minute_w(), 1),
             "max_gpu_temp_c": round(float(self.max_temp_c.max()), 2),
-            "capped_time_frac": round(float(self.row_constrained.mean()), 5),
+            # TAPAS Fig. 21: the share of time any row or aisle has caps or throttling in force
+            # (an aisle's GPUs are all in rows, so a constrained GPU marks its row).
+            "capped_time_frac": round(float(self.row_constrained.any(axis=1).mean()), 5),
+            "capped_row_time_frac": round(float(self.row_constrained.mean()), 5),
+            "slo_attainment_capped": self._slo_while_capped(),
             "slo_attainment": round(self.within_slo / served, 5) if served else 1.0,
             "p95_latency_s": _percentile(self.e2e_hist, 0.95),
             "p99_latency_s": _percentile(self.e2e_hist, 0.99),
@@ -135,6 +151,15 @@ class Metrics:
             "emergencies": self._emergencies(),
         }
 
+    def _slo_while_capped(self) -> float | None:
+        """Time-weighted SLO attainment over the capped steps: each capped step's share of its
+        completions within the SLO, averaged over the capped steps that completed any."""
+        capped = self.row_constrained.any(axis=1) & (self.completed_by_step > 0)
+        if not capped.any():
+            return None
+        share = self.within_by_step[capped] / self.completed_by_step[capped]
+        return round(float(share.mean()), 5)
+
     def _peak_minute_w(self) -> float:
         n = max(1, round(60.0 / self.step_s))
         p = self.row_power_w
@@ -153,9 +178,15 @@ class Metrics:
                 over = self.aisle_cfm[k0:, f.target] > self.aisle_limit_cfm[k0:, f.target]
             under = np.flatnonzero(~over)
             took = float(under[0] * self.step_s) if len(under) else None
+            k1 = len(self.t_s) if f.duration_s is None else math.ceil(
+                (f.at_s + f.duration_s) / self.step_s)
+            done = int(self.completed_by_step[k0:k1].sum())
+            within = int(self.within_by_step[k0:k1].sum())
             out.append({"kind": f.kind, "target": f.target, "at_s": f.at_s,
                         "capacity_frac": f.capacity, "time_to_under_limit_s": took,
-                        "over_limit_s_after": float(over.sum() * self.step_s)})
+                        "over_limit_s_after": float(over.sum() * self.step_s),
+                        # requests completed during the failure, share within the SLO
+                        "slo_attainment_during": round(within / done, 5) if done else None})
         return out
 
 

@@ -17,8 +17,12 @@ called through the adapters in simulator/snapshot.py:
   route      coordinator.policy.routing.routing_weights per endpoint, every routing interval;
   rebalance  coordinator.policy.rebalance.rebalance every rebalance interval: instance count,
              variant (fp16/fp8) and which GPUs start and stop (make-before-break);
-  shed       coordinator.policy.shed.shed on every report while a row or aisle is over its
-             (possibly reduced) limit (priority tiers: best-effort, SaaS, opaque last);
+  shed       coordinator.policy.capping.shed.shed on every report while a row or aisle is over its
+             (possibly reduced) limit (tiers weighed by what a watt costs: SaaS slack and
+             opaque down to its performance floor first, below the floors a shared cut);
+  phase2     coordinator.policy.capping.phase2.plan_phase2 every routing interval while caps are in
+             force: capped GPUs locked at the clock that fits, their routing weight x their
+             relative throughput, the capacity they lost added to the rebalancer's provision;
   config     the configurator (coordinator.policy.configure): every routing interval each
              endpoint's lowest clock covering its forecast over the corrected capacity, under
              the row and thermal ceilings (coordinator.policy.shaping); without the
@@ -36,11 +40,12 @@ from typing import Protocol
 
 import numpy as np
 
+from coordinator.policy.capping.phase2 import demand_with_lost, plan_phase2
+from coordinator.policy.capping.shed import shed
 from coordinator.policy.model import ClusterSnapshot, InstanceState, RebalanceConfig
 from coordinator.policy.placement import PlaceRequest, place
 from coordinator.policy.rebalance import rebalance
 from coordinator.policy.routing import routing_weights
-from coordinator.policy.shed import shed
 from simulator import snapshot as snap
 from simulator.control import ShapingLoop
 from simulator.observe import Observation
@@ -62,6 +67,7 @@ class Components:
     config: bool = False
     rebalance: bool = False
     priority_shed: bool = False
+    phase2: bool = False  # clock points, routing and added capacity while caps are in force
 
 
 POLICY_COMPONENTS: dict[str, Components] = {
@@ -69,8 +75,8 @@ POLICY_COMPONENTS: dict[str, Components] = {
     "place": Components(place=True),
     "route": Components(route=True),
     "config": Components(config=True),
-    "shapeshifter-no-rebalance": Components(True, True, True, False, True),
-    "shapeshifter": Components(True, True, True, True, True),
+    "shapeshifter-no-rebalance": Components(True, True, True, False, True, True),
+    "shapeshifter": Components(True, True, True, True, True, True),
 }
 
 
@@ -108,6 +114,9 @@ class Policy(Protocol):
 
     def clocks(self, view: View) -> np.ndarray | None: ...
 
+    def phase2(self, view: View, caps_w: np.ndarray, activity: np.ndarray
+               ) -> np.ndarray | None: ...
+
 
 # ---------------- placement (server roles) ----------------
 
@@ -130,6 +139,7 @@ def placed_roles(inputs: snap.PlacementInputs, role_counts: list[tuple[int, int]
     roles = np.full(n, np.iinfo(np.int64).min)
     fallbacks = 0
     row_profiles = _idle_row_profiles(inputs)
+    aisle_profiles = _idle_aisle_profiles(inputs)
     for role in snap.interleaved(role_counts)[:n]:
         profile = inputs.gpus_per_server * inputs.role_profiles_w[role]
         request = PlaceRequest(gpus=inputs.gpus_per_server,
@@ -138,7 +148,8 @@ def placed_roles(inputs: snap.PlacementInputs, role_counts: list[tuple[int, int]
                                gpu_type=inputs.gpu_type,
                                predicted_profile_w=tuple(profile.tolist()))
         ranked = place(request, ClusterSnapshot(tuple(nodes), tuple(instances)), inputs.limits,
-                       {r: tuple(p.tolist()) for r, p in row_profiles.items()})
+                       {r: tuple(p.tolist()) for r, p in row_profiles.items()},
+                       {a: tuple(p.tolist()) for a, p in aisle_profiles.items()})
         if ranked:
             server = int(ranked[0].node_id[1:])
         else:
@@ -146,7 +157,10 @@ def placed_roles(inputs: snap.PlacementInputs, role_counts: list[tuple[int, int]
             fallbacks += 1
         roles[server] = role
         row = f"row{inputs.server_row[server]}"
-        row_profiles[row] = row_profiles[row] + profile - inputs.gpus_per_server * inputs.idle_gpu_w
+        above_idle_w = profile - inputs.gpus_per_server * inputs.idle_gpu_w
+        row_profiles[row] = row_profiles[row] + above_idle_w
+        aisle = f"aisle{inputs.server_aisle[server]}"
+        aisle_profiles[aisle] = aisle_profiles[aisle] + inputs.cfm_per_gpu_w * above_idle_w
         snap.assign_server(nodes, instances, server, role, peak_gpu_w[role])
     unset = roles == np.iinfo(np.int64).min
     roles[unset] = role_counts[-1][0]
@@ -159,6 +173,14 @@ def _idle_row_profiles(inputs: snap.PlacementInputs) -> dict[str, np.ndarray]:
     per_server = inputs.host_w + inputs.gpus_per_server * inputs.idle_gpu_w
     counts = np.bincount(inputs.server_row)
     return {f"row{r}": np.full(points, per_server * int(k)) for r, k in enumerate(counts)}
+
+
+def _idle_aisle_profiles(inputs: snap.PlacementInputs) -> dict[str, np.ndarray]:
+    """Each aisle's predicted airflow with every server idle."""
+    points = len(next(iter(inputs.role_profiles_w.values())))
+    counts = np.bincount(inputs.server_aisle)
+    return {f"aisle{a}": np.full(points, inputs.idle_server_cfm * int(k))
+            for a, k in enumerate(counts)}
 
 
 def _fit(roles: np.ndarray, n: int) -> np.ndarray:
@@ -180,9 +202,11 @@ def rebalance_config(view: View, initial: bool) -> RebalanceConfig:
     moves = max(MIN_MOVES_PER_ROUND, round(MOVES_PER_ROUND_FRAC * saas_gpus))
     # Hysteresis: the closed loop only lets an endpoint shrink after a clean late window
     # (simulator/control.py), so the rebalancer's own brake is short: four rebalance intervals.
+    # Caps enforce the limits here (the engine sheds on every report), so an endpoint that
+    # cannot be covered within them still gets its instances (Phase 2, place_over_limits).
     return RebalanceConfig(headroom_frac=0.0,
                            max_restarts_per_round=saas_gpus if initial else moves,
-                           allow_mig=False, hysteresis_s=HYSTERESIS_S)
+                           allow_mig=False, hysteresis_s=HYSTERESIS_S, place_over_limits=True)
 
 
 def rebalanced_plan(view: View, provision_rps: np.ndarray) -> InstancePlan:
@@ -209,6 +233,16 @@ def _after_plan(view: View, actions: snap.PlanArrays) -> tuple[np.ndarray, np.nd
     count = np.bincount(ep, minlength=n_ep)
     fp16 = np.bincount(ep[~fp8], minlength=n_ep)
     return count, (count > 0) & (fp16 == 0)
+
+
+def with_lost(provision_rps: np.ndarray, lost: np.ndarray, view: View) -> np.ndarray:
+    """coordinator.policy.capping.phase2.demand_with_lost per endpoint (the live rebalancer's
+    too)."""
+    f = view.fleet
+    live = (f.state == READY) | (f.state == STARTING)
+    n = np.bincount(f.endpoint[live], minlength=view.workload.n_endpoints)
+    return np.array([demand_with_lost(float(p), float(x), int(k))
+                     for p, x, k in zip(provision_rps, lost, n, strict=True)])
 
 
 # ---------------- routing ----------------
@@ -250,13 +284,19 @@ def uniform_caps(view: View, gpus: np.ndarray, budget_w: float) -> np.ndarray:
     return np.full(len(gpus), cap)
 
 
-def coordinator_caps(view: View, gpus: np.ndarray, budget_w: float) -> np.ndarray:
-    """coordinator.policy.shed.shed over the scope's GPUs. The draw it is given is each GPU's
+def coordinator_caps(view: View, gpus: np.ndarray, budget_w: float,
+                     min_clock_mhz: np.ndarray | None = None,
+                     saas_deep_weight: float = 1.0) -> np.ndarray:
+    """coordinator.policy.capping.shed.shed over the scope's GPUs. The draw it is given is each
+    GPU's
     uncapped demand at its current activity: the live controller computes its caps once from
     the draw before capping and holds them, while the simulator re-plans on every report, and
-    re-planning from the capped draw would ratchet the caps down."""
-    shot = snap.shed_snapshot(view, gpus, view.gpu_uncapped_w[gpus])
-    plan = shed(shot, budget_w / (1.0 - SHED_MARGIN), SHED_MARGIN)  # target = budget_w
+    re-planning from the capped draw would ratchet the caps down. `min_clock_mhz`: per GPU, the
+    clock its endpoint's latency needs (the closed loop's clock floor), part of SaaS floors;
+    `saas_deep_weight`: coordinator.policy.capping.shed's, from the opaque performance measured."""
+    shot = snap.shed_snapshot(view, gpus, view.gpu_uncapped_w[gpus], min_clock_mhz)
+    plan = shed(shot, budget_w / (1.0 - SHED_MARGIN), SHED_MARGIN,  # target = budget_w
+                saas_deep_weight)
     p = view.cluster.gpu.power
     return snap.caps_array(plan, gpus, view.cluster.gpus_per_server, p.max_w)
 
@@ -271,6 +311,10 @@ class ComposedPolicy:
     name: str
     components: Components
     loop: ShapingLoop | None = None
+    # The latest Phase 2 plan, as arrays: routing multiplier per GPU, instances lost per
+    # endpoint (None: no cap in force).
+    phase2_mult: np.ndarray | None = None
+    phase2_lost: np.ndarray | None = None
 
     @property
     def closed_loop(self) -> bool:
@@ -292,6 +336,8 @@ class ComposedPolicy:
             provision = (self.loop.provision_rps(view, view.workload.count_lead_s, grow_only)
                          if self.loop is not None
                          else static_count * view.workload.instance_rps * 0.999)
+            if self.phase2_lost is not None:  # Phase 2: what the caps took, asked elsewhere
+                provision = with_lost(provision, self.phase2_lost, view)
             return rebalanced_plan(view, provision)
         if not c.config:
             return static_plan(static_count)
@@ -318,7 +364,22 @@ class ComposedPolicy:
         if not self.components.route:
             return round_robin_weights(view)
         base = coordinator_weights(view)
+        if self.phase2_mult is not None:
+            base = base * self.phase2_mult
         return base if self.loop is None else self.loop.weights(view, base)
+
+    def phase2(self, view: View, caps_w: np.ndarray, activity: np.ndarray
+               ) -> np.ndarray | None:
+        """Phase 2 on the caps in force: the clock lock per GPU (NaN = none); keeps the routing
+        multipliers and the lost capacity for route and plan."""
+        if not self.components.phase2:
+            return None
+        gpus = snap.phase2_gpus(view, caps_w, activity)
+        if not gpus:
+            self.phase2_mult = self.phase2_lost = None
+            return np.full(view.cluster.n_gpus, np.nan)
+        locks, self.phase2_mult, self.phase2_lost = snap.phase2_arrays(plan_phase2(gpus), view)
+        return locks
 
     def pick_gpus(self, view: View, free: np.ndarray, n: int, home: np.ndarray) -> np.ndarray:
         """Where to start n new instances among the free GPUs `free` (`home`: the endpoint's own
@@ -336,7 +397,10 @@ class ComposedPolicy:
 
     def shed(self, view: View, gpus: np.ndarray, budget_w: float) -> np.ndarray:
         if self.components.priority_shed:
-            return coordinator_caps(view, gpus, budget_w)
+            if self.loop is None:
+                return coordinator_caps(view, gpus, budget_w)
+            return coordinator_caps(view, gpus, budget_w, self.loop.latency_clock_mhz(view),
+                                    self.loop.saas_deep_weight())
         return uniform_caps(view, gpus, budget_w)
 
 
@@ -365,5 +429,7 @@ def policy_sources(name: str) -> dict[str, str]:
         "rebalance": ("coordinator.policy.rebalance.rebalance sized by "
                       "coordinator.policy.capacity (forecast + correction)") if c.rebalance
         else "off",
-        "shed": "coordinator.policy.shed.shed" if c.priority_shed else "baseline (uniform caps)",
+        "shed": ("coordinator.policy.capping.shed.shed" if c.priority_shed
+                 else "baseline (uniform caps)"),
+        "phase2": "coordinator.policy.capping.phase2.plan_phase2" if c.phase2 else "off",
     }

@@ -17,7 +17,7 @@ from simulator.metrics import Metrics
 
 SUMMARY_KEYS = ("peak_row_power_w", "max_gpu_temp_c", "capped_time_frac", "slo_attainment",
                 "energy_j_per_token", "gpus_used", "reconfigurations")
-TABLE_KEYS = (*SUMMARY_KEYS, "p99_latency_s", "opaque_relative_perf")
+TABLE_KEYS = (*SUMMARY_KEYS, "p99_latency_s", "opaque_relative_perf", "slo_attainment_capped")
 TARGETS = (
     "On the trace at >= 99% of requests within SLO: peak row power >= 20% below baseline; max GPU "
     "temperature >= 15% below; at 40% oversubscription < 1% of time under capping; >= 25% fewer "

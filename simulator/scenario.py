@@ -11,13 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from coordinator.topology import InletModel
-from coordinator.topology import _line_of as _yaml_line_of
-from nodeagent.errors import InvalidArgument, out_of_range
-from nodeagent.gpu.models import GPU_MODELS
+from shapeshifter.common.errors import InvalidArgument, out_of_range
+from shapeshifter.common.yamlfile import parse_yaml_model
+from shapeshifter.hw.models import GPU_MODELS
+from shapeshifter.topology import InletModel
 
 BUILTIN_SCENARIOS = ("ablation", "oversubscription", "ups-failure")
 POLICY_NAMES = ("baseline", "place", "route", "config", "shapeshifter-no-rebalance",
@@ -141,22 +140,7 @@ class Scenario(_Strict):
 
 def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
     """Parse and validate YAML; InvalidArgument names the source, line and field."""
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InvalidArgument(f"{source}: not valid YAML: {e}", field="scenario") from e
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{source}: the top level must be a mapping", field="scenario")
-    try:
-        return Scenario.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        path = ".".join(str(p) for p in err["loc"])
-        line = _yaml_line_of(node, err["loc"])
-        where = f" (line {line})" if line else ""
-        raise InvalidArgument(f"{source}{where}: {path or 'scenario'}: {err['msg']}",
-                              field=path or "scenario") from e
+    return parse_yaml_model(text, Scenario, source, "scenario")
 
 
 def load_scenario(name_or_path: str) -> Scenario:

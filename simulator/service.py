@@ -18,7 +18,7 @@ import numpy as np
 from coordinator.profiles.classes import class_tokens
 from coordinator.profiles.lookup import select
 from coordinator.profiles.schema import ProfileRow, QueryClass
-from nodeagent.errors import NotFound
+from shapeshifter.common.errors import NotFound
 
 TAU0_S = 0.010
 DEFAULT_MAX_CONCURRENCY = 64

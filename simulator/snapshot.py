@@ -1,7 +1,8 @@
 """The simulator's state as the coordinator policies' inputs, and their outputs back as arrays.
 
 Pure builders: a `View` (numpy arrays) -> `coordinator.policy.model.ClusterSnapshot`/`Limits`
-(rebalance, placement, routing) or `coordinator.policy.shed.ShedSnapshot` (shedding); a rebalance
+(rebalance, placement, routing) or `coordinator.policy.capping.shed.ShedSnapshot` (shedding); a
+rebalance
 `Plan` -> GPU indices to start and stop. Names: node "s<server>", row "row<r>", aisle
 "aisle<a>", endpoint "ep<e>", a running instance "g<gpu>" (one instance per GPU, TP1).
 """
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.policy import shed as shed_policy
-from coordinator.policy.ledger import node_power_w, shape_of
+from coordinator.policy.capping import shed as shed_policy
+from coordinator.policy.capping.phase2 import CappedGpu, Phase2Plan
 from coordinator.policy.model import (
     ClusterSnapshot,
     EndpointSpec,
@@ -24,6 +25,7 @@ from coordinator.policy.model import (
     NodeState,
     Plan,
 )
+from coordinator.policy.packing.ledger import node_power_w, shape_of
 from coordinator.profiles.classes import class_tokens
 from coordinator.profiles.schema import QueryClass
 from simulator.state import NONE, READY, STARTING, View, Workload
@@ -34,6 +36,11 @@ FP8 = "fp8"
 
 def node_id(server: int) -> str:
     return f"s{server}"
+
+
+def gpu_of(node: str, gpu_index: int, gpus_per_server: int) -> int:
+    """The simulator's GPU number of (node_id(server), index on it)."""
+    return int(node[1:]) * gpus_per_server + gpu_index
 
 
 def endpoint_name(e: int) -> str:
@@ -177,23 +184,85 @@ def route_weights_array(weights: Mapping[str, float], n_gpus: int) -> np.ndarray
 
 # ---------------- shedding ----------------
 
-def shed_snapshot(view: View, gpus: np.ndarray, draw_w: np.ndarray) -> shed_policy.ShedSnapshot:
-    """The scope's GPUs with their priority class: opaque -> iaas, an LLM instance -> saas,
-    nothing -> best_effort. `draw_w`: per GPU of `gpus` (the uncapped demand, see policies)."""
+def shed_snapshot(view: View, gpus: np.ndarray, draw_w: np.ndarray,
+                  min_clock_mhz: np.ndarray | None = None) -> shed_policy.ShedSnapshot:
+    """The scope's GPUs with their priority class (opaque -> iaas, an LLM instance -> saas,
+    nothing -> best_effort) and their floors: an opaque GPU's at the contract's performance
+    floor, a SaaS GPU's at the clock that still covers its batch (shed_floors).
+    `draw_w`: per GPU of `gpus` (the uncapped demand, see policies); `min_clock_mhz`: per GPU
+    of the cluster, the clock its endpoint's latency needs (NaN or None: none known)."""
     c = view.cluster
     n_per = c.gpus_per_server
     p = c.gpu.power
     hosting = view.fleet.hosting()
     decode = view.workload.decode_share
+    floors = shed_floors(view, gpus, draw_w, min_clock_mhz)
     out = []
-    for g, d in zip(gpus.tolist(), draw_w.tolist(), strict=True):
+    for g, d, fl in zip(gpus.tolist(), draw_w.tolist(), floors.tolist(), strict=True):
         cls = (shed_policy.IAAS if view.opaque[g] else
                shed_policy.SAAS if hosting[g] else shed_policy.BEST_EFFORT)
         out.append(shed_policy.GpuState(
             node_id=node_id(g // n_per), gpu_index=g % n_per, power_draw_w=d,
             power_limit_min_w=p.min_w, power_limit_max_w=p.max_w, priority_class=cls,
-            decode_frac=decode, row=f"row{view.gpu_row[g]}", aisle=f"aisle{view.gpu_aisle[g]}"))
+            decode_frac=decode, row=f"row{view.gpu_row[g]}", aisle=f"aisle{view.gpu_aisle[g]}",
+            floor_w=fl))
     return shed_policy.ShedSnapshot(tuple(out))
+
+
+def shed_floors(view: View, gpus: np.ndarray, draw_w: np.ndarray,
+                min_clock_mhz: np.ndarray | None = None) -> np.ndarray:
+    """Per GPU of `gpus`, the draw below which a cut costs (coordinator.policy.capping.shed):
+    opaque at
+    the contract's performance floor, SaaS at the clock covering its batch (in flight / max
+    concurrency: the share of its capacity at its clock it uses now)."""
+    m, w = view.cluster.gpu, view.workload
+    locked = view.locked_mhz[gpus]
+    clock_frac = np.where(np.isnan(locked), 1.0, locked / m.sm_max_clock_mhz).tolist()
+    occupancy = (view.in_flight[gpus] / w.service.max_concurrency).tolist()
+    min_frac = (np.zeros(len(gpus)) if min_clock_mhz is None else
+                np.nan_to_num(min_clock_mhz[gpus] / m.sm_max_clock_mhz)).tolist()
+    out = np.empty(len(gpus))
+    for k, g in enumerate(gpus.tolist()):
+        d = float(draw_w[k])
+        out[k] = (shed_policy.opaque_floor_w(d, m.idle_power_w, clock_frac[k]) if view.opaque[g]
+                  else shed_policy.saas_floor_from_occupancy(d, m.idle_power_w, occupancy[k],
+                                                             w.decode_share, clock_frac[k],
+                                                             min_frac[k]))
+    return out
+
+
+def phase2_gpus(view: View, caps_w: np.ndarray, activity: np.ndarray) -> list[CappedGpu]:
+    """The GPUs under a cap (caps_w below the maximum limit) as Phase 2 sees them: the same
+    fields the live controller fills from agent reports
+    (coordinator.emergency.controller._capped_gpus)."""
+    c, w = view.cluster, view.workload
+    m = c.gpu
+    capped = np.flatnonzero(caps_w < m.power.max_w)
+    hosting = view.fleet.hosting()
+    out = []
+    for g in capped.tolist():
+        point = shed_policy.ClockPoint(float(activity[g]), m.sm_clocks_mhz, m.sm_max_clock_mhz,
+                                       m.idle_power_w, m.dynamic_power_max_w)
+        endpoint = endpoint_name(int(view.fleet.endpoint[g])) if hosting[g] else ""
+        out.append(CappedGpu((node_id(g // c.gpus_per_server), g % c.gpus_per_server),
+                             float(caps_w[g]), point, endpoint, w.decode_share))
+    return out
+
+
+def phase2_arrays(plan: Phase2Plan, view: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lock per GPU, NaN = none; routing multiplier per GPU; lost instances per endpoint)."""
+    c = view.cluster
+    n_per = c.gpus_per_server
+    locks = np.full(c.n_gpus, np.nan)
+    mult = np.ones(c.n_gpus)
+    for (node, index), mhz in plan.clock_mhz.items():
+        locks[gpu_of(node, index, n_per)] = mhz
+    for (node, index), m in plan.weight_mult.items():
+        mult[gpu_of(node, index, n_per)] = m
+    lost = np.zeros(view.workload.n_endpoints)
+    for name, n in plan.lost_instances.items():
+        lost[int(name[2:])] = n
+    return locks, mult, lost
 
 
 def caps_array(plan: shed_policy.ShedPlan, gpus: np.ndarray, gpus_per_server: int,
@@ -202,7 +271,7 @@ def caps_array(plan: shed_policy.ShedPlan, gpus: np.ndarray, gpus_per_server: in
     pos = {int(g): k for k, g in enumerate(gpus.tolist())}
     out = np.full(len(gpus), max_w)
     for cap in plan.caps:
-        out[pos[int(cap.node_id[1:]) * gpus_per_server + cap.gpu_index]] = cap.power_cap_w
+        out[pos[gpu_of(cap.node_id, cap.gpu_index, gpus_per_server)]] = cap.power_cap_w
     return out
 
 
@@ -243,6 +312,8 @@ class PlacementInputs:
     limits: Limits
     role_profiles_w: Mapping[int, np.ndarray]  # predicted draw per GPU over one period, by role
     host_w: float  # a server's draw besides its GPUs (host idle)
+    idle_server_cfm: float = 0.0  # a server's airflow with its GPUs idle
+    cfm_per_gpu_w: float = 0.0  # airflow added per watt of GPU power (linear, TAPAS eq. 3)
 
 
 def assign_server(nodes: list[NodeState], instances: list[InstanceState], server: int,

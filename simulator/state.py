@@ -74,3 +74,4 @@ class View:
     server_inlet_c: np.ndarray  # current inlet temperature
     demand_rps: np.ndarray  # per endpoint, smoothed arrivals
     locked_mhz: np.ndarray  # per GPU locked maximum SM clock, NaN = not locked
+    gpu_clock_mhz: np.ndarray | None = None  # per GPU SM clock now (as the agents report)

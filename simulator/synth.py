@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +35,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nodeagent.errors import InvalidArgument, out_of_range
+from shapeshifter.common.atomic import atomic_write
+from shapeshifter.common.errors import InvalidArgument, out_of_range
 
 CLASSES = ("siso", "silo", "liso", "lilo")
 TAU_TOKENS = 500
@@ -238,31 +237,18 @@ def timestamps(arrival_s: np.ndarray, start: datetime = DEFAULT_START) -> list[s
 
 
 def write_csv(spec: SynthSpec, path: Path) -> dict[str, Any]:
-    """Generate and write atomically (temp file + os.replace: a refused or failed run leaves
+    """Generate and write atomically (shapeshifter.common.atomic: a refused or failed run leaves
     nothing at path); returns summarize()'s summary."""
     rows = generate(spec)
     if len(rows.arrival_s) < 2:
         raise InvalidArgument(f"the spec yields {len(rows.arrival_s)} requests (a trace needs "
                               "at least 2); raise rate_rps or duration_s", field="rate_rps")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give a plain file's mode
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("TIMESTAMP,ContextTokens,GeneratedTokens\n")
-            for lo in range(0, len(rows.arrival_s), _CHUNK_ROWS):
-                _write_rows(f, rows, spec.start, slice(lo, lo + _CHUNK_ROWS))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, plain_mode=True, make_parents=True, encoding="utf-8",
+                      newline="\n") as f:
+        f.write("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+        for lo in range(0, len(rows.arrival_s), _CHUNK_ROWS):
+            _write_rows(f, rows, spec.start, slice(lo, lo + _CHUNK_ROWS))
     return summarize(spec, rows)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_rows(f: Any, rows: SynthRows, start: datetime, part: slice) -> None:

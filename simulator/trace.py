@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.profiles.classes import read_azure_trace
-from nodeagent.errors import InvalidArgument
+from shapeshifter.common.errors import InvalidArgument
 
 RATE_BIN_S = 60.0  # the trace's rate profile is counted per minute (smooths single arrivals)
 

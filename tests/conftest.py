@@ -19,8 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nodeagent.v1 import agent_pb2_grpc
-from shapectl.demo import free_port
+from shapectl.commands.demo import free_port
+from shapeshifter.api.v1 import agent_pb2_grpc
 
 STARTUP_TIMEOUT_S = 20.0
 BIN_DIR = Path(sys.executable).parent

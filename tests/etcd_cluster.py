@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.etcd import EtcdClient, EtcdError
+from coordinator.ha.etcd import EtcdClient, EtcdError
 
 
 def etcd_binary() -> str | None:

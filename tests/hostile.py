@@ -28,24 +28,25 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from coordinator.admin_server import CoordinatorServicer
 from coordinator.core import CoordinatorCore
 from coordinator.leases import LeasePolicy
-from coordinator.link_server import AgentLinkServicer
+from coordinator.rpc.admin import CoordinatorServicer
+from coordinator.rpc.link import AgentLinkServicer
 from coordinator.session import AgentSession
-from coordinator.store import Store
-from coordinator.topology import Topology, parse_topology
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent.clock import SystemClock
+from coordinator.store.sqlite import Store
 from nodeagent.config import AgentConfig, ConfigError, validate_config
 from nodeagent.daemon import Agent, build_agent
 from nodeagent.engines.manager import InstanceManager
 from nodeagent.engines.service import InstanceService
 from nodeagent.engines.spec import inventory_from_backend
 from nodeagent.engines.wiring import settings_from_config
-from nodeagent.errors import DomainError, InvalidArgument, Unavailable
-from nodeagent.link import run_plan
-from nodeagent.v1 import agent_pb2 as pb
+from nodeagent.rpc.link import run_plan
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.common.clock import SystemClock
+from shapeshifter.common.errors import DomainError, InvalidArgument, Unavailable
+from shapeshifter.topology import Topology, parse_topology
 
 CRASH_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 GRPC_MAX_RECEIVE_BYTES = 4 * 2**20  # gRPC's default: larger requests never reach a servicer
@@ -416,7 +417,7 @@ class CoordinatorHarness:
 
         self.loop.run_until_complete(idle())
 
-    def register(self, msg: cpb.Register, report: cpb.NodeReport) -> Verdict:
+    def register(self, msg: lpb.Register, report: lpb.NodeReport) -> Verdict:
         """A hostile agent: its Register and a NodeReport, then the rollups must still work."""
 
         if request_too_big(msg) or request_too_big(report):
@@ -487,9 +488,9 @@ def make_coordinator(workdir: Path) -> CoordinatorHarness:
     node = agent.agent.servicer.latest_node()
     node.labels.update({"site": "s1", "row": "r1", "rack": "k1", "aisle": "a1"})
     session = AgentSession(NODE_ID)
-    register = cpb.Register(node_id=NODE_ID, labels=node.labels, gpus=node.gpus, backend="sim")
+    register = lpb.Register(node_id=NODE_ID, labels=node.labels, gpus=node.gpus, backend="sim")
     rec, _ = core.register(register, session)
-    core.report(rec, cpb.NodeReport(node=node, seq=1))
+    core.report(rec, lpb.NodeReport(node=node, seq=1))
     harness = CoordinatorHarness(core, servicer, link, agent, loop, session, workdir / "link.db")
     harness._tasks.append(loop.create_task(_serve_plans(harness)))
     return harness

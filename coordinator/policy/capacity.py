@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from nodeagent.errors import out_of_range
+from shapeshifter.common.errors import out_of_range
 
 
 @dataclass(frozen=True)

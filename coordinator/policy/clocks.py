@@ -21,7 +21,7 @@ from dataclasses import replace
 from coordinator.policy.configure import ClockAction, ConfigureConfig, clock_plan
 from coordinator.policy.model import ClusterSnapshot, GpuState, Plan, PlanAction, Stage
 from coordinator.profiles.schema import ProfileRow
-from nodeagent.gpu.models import GpuModel
+from shapeshifter.hw.models import GpuModel
 
 LOCK, RESET = "lock_clocks", "reset_clocks"
 CLOCK_KINDS = (LOCK, RESET)

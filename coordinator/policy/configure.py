@@ -1,7 +1,7 @@
 """Configurator (DynamoLLM §4): per endpoint the instance count x variant x locked SM clock that
 meets its demand at the least predicted power. Pure: no clock reads, no I/O.
 
-Physics (nodeagent.gpu.physics, the same the sim backend runs): an instance's capacity at clock f
+Physics (shapeshifter.hw.physics, the same the sim backend runs): an instance's capacity at clock f
 is its profiled capacity at the maximum clock x `relative_throughput(f)`, which for decode-heavy
 work barely moves (decode is memory-bound), while dynamic power falls as (f / f_max) ** 1.65.
 The share of instance time spent decoding comes from the profiles themselves: the LISO and SILO
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.policy.candidates import msrr_by_class
 from coordinator.policy.model import ClusterSnapshot, InstanceState
+from coordinator.policy.packing.candidates import msrr_by_class
 from coordinator.profiles.classes import class_tokens
 from coordinator.profiles.schema import ProfileRow, QueryClass
-from nodeagent.errors import out_of_range
-from nodeagent.gpu import physics
-from nodeagent.gpu.models import GpuModel
+from shapeshifter.common.errors import out_of_range
+from shapeshifter.hw import physics
+from shapeshifter.hw.models import GpuModel
 
 ACTIVITY_FULL = physics.OASIS_DECODE_ACTIVITY  # a full decode batch (OASIS Table 3's load)
 ACTIVITY_EMPTY = 0.5 * physics.OASIS_DECODE_ACTIVITY  # a batch of one: weights still streamed

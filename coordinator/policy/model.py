@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from coordinator.profiles.schema import FULL_GPU, QueryClass
-from nodeagent.errors import InvalidArgument, out_of_range
+from shapeshifter.common.errors import InvalidArgument, out_of_range
 
 PRIORITY_CLASSES = ("saas", "iaas", "best_effort")
 FIT_METRICS = ("dot", "l2")
@@ -41,6 +41,10 @@ class GpuState:
     reserved: bool = False
     emergency_cap_w: float = 0.0  # an emergency power ceiling in force below the maximum; 0 = none
     sm_clock_locked_mhz: int | None = None  # the upper SM clock of a lock in force; None = unlocked
+    # Under an emergency cap: the relative throughput of its instance at the clock the cap
+    # allows (coordinator.policy.capping.phase2); 0 = not known (routing's capped_weight_frac
+    # instead).
+    capped_throughput_frac: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,10 @@ class RebalanceConfig:
     fit: str = "dot"  # "dot" (dot product) or "l2" (L2 norm) best fit, Panigrahy et al. 2011
     allow_mig: bool = True
     busy_power_frac: float = 0.7  # estimate when a profile row has no power: idle + frac x dyn
+    # Phase 2 (issue 18): an endpoint that cannot cover its demand within the row and aisle
+    # limits may still start instances over them, where power caps hold the scopes (an
+    # emergency in force, the simulator's enforcement). Off: such a change is kept as is.
+    place_over_limits: bool = False
 
     def validate(self) -> RebalanceConfig:
         if not 0 <= self.headroom_frac <= 10:

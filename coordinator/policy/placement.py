@@ -13,7 +13,10 @@ to warmer ones (flexible loads absorb thermal emergencies by reshaping).
 With a predicted power profile (TAPAS Place: the load's power over one period, from its
 history, e.g. one point per few minutes) and each row's profile of what it already hosts, the
 first key is instead the row's *peak* once the load is added (the mix comes second): loads
-whose peaks coincide land in different rows.
+whose peaks coincide land in different rows, as long as the row's and aisle's mix stay within
+MIX_TOLERANCE of the cluster's (else the node ranks last). With each aisle's predicted airflow
+profile too, the key is the sum of the row's peak (share of its power limit) and the aisle's
+(share of its airflow limit): opaque peaks are spread over the aisles as well as the rows.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from coordinator.policy.ledger import gpu_temp_c, gpu_temp_limit_c, node_power_w, shape_of
 from coordinator.policy.model import ClusterSnapshot, GpuState, Limits, NodeState
-from nodeagent.errors import InvalidArgument, out_of_range
+from coordinator.policy.packing.ledger import gpu_temp_c, gpu_temp_limit_c, node_power_w, shape_of
+from shapeshifter.common.errors import InvalidArgument, out_of_range
+from shapeshifter.hw.models import GPU_MODELS
 
 WORKLOADS = ("opaque", "flexible")
 MAX_PROFILE_POINTS = 1440  # one a minute over a day
+MIX_TOLERANCE = 0.25  # a row's (aisle's) opaque share may drift this far from the cluster's
 
 
 @dataclass(frozen=True)
@@ -77,28 +82,32 @@ def _free_gpus(node: NodeState, busy: set[tuple[str, int]], gpu_type: str) -> li
             and (not gpu_type or g.gpu_type == gpu_type)]
 
 
-def _mix(snapshot: ClusterSnapshot, busy: set[tuple[str, int]]
+def _mix(snapshot: ClusterSnapshot, busy: set[tuple[str, int]], scope: str = "row"
          ) -> tuple[dict[str, list[int]], list[int]]:
-    """Per row [opaque GPUs, flexible GPUs], and the cluster's totals."""
+    """Per row (or aisle) [opaque GPUs, flexible GPUs], and the cluster's totals."""
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for n in snapshot.nodes:
+        name = getattr(n, scope)
         for g in n.gpus:
             if g.reserved:
-                rows[n.row][0] += 1
+                rows[name][0] += 1
             elif (n.node_id, g.index) in busy:
-                rows[n.row][1] += 1
+                rows[name][1] += 1
     total = [sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())]
     return rows, total
 
 
 def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits,
-          row_profiles_w: Mapping[str, Sequence[float]] | None = None) -> list[RankedNode]:
+          row_profiles_w: Mapping[str, Sequence[float]] | None = None,
+          aisle_profiles_cfm: Mapping[str, Sequence[float]] | None = None) -> list[RankedNode]:
     """Nodes that can take the request within every limit, best first, each with a reason.
     `row_profiles_w`: per row, the predicted power of what it hosts over the same period as
-    the request's `predicted_profile_w` (both needed for peak-aware ranking)."""
+    the request's `predicted_profile_w` (both needed for peak-aware ranking);
+    `aisle_profiles_cfm`: per aisle, the predicted airflow of what it hosts, same period."""
     validate_request(request)
     peaks_w = _peak_after(request, snapshot, row_profiles_w)
     peak_of = None if peaks_w is None else _peak_key(peaks_w, limits)
+    aisle_of = _aisle_peak_key(request, snapshot, aisle_profiles_cfm, limits)
     busy = {(i.node_id, g) for i in snapshot.instances for g in i.gpu_indices}
     row_w: dict[str, float] = defaultdict(float)
     aisle_cfm: dict[str, float] = defaultdict(float)
@@ -106,6 +115,7 @@ def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits,
         row_w[n.row] += n.power_draw_w
         aisle_cfm[n.aisle] += n.airflow_cfm
     mix_rows, mix_total = _mix(snapshot, busy)
+    mix_aisles, _ = _mix(snapshot, busy, "aisle")
     opaque = request.workload == "opaque"
     ranked = []
     for n in snapshot.nodes:
@@ -113,15 +123,18 @@ def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits,
                       None if peaks_w is None else peaks_w[n.row])
         if r is None:
             continue
-        o, f = mix_rows[n.row]
-        o, f = (o + request.gpus, f) if opaque else (o, f + request.gpus)
-        frac_after = o / (o + f)
         cluster_frac = (mix_total[0] + (request.gpus if opaque else 0)) / (
             sum(mix_total) + request.gpus)
+        frac_after = _share_after(mix_rows[n.row], request.gpus, opaque)
         imbalance = abs(frac_after - cluster_frac)
+        drift = max(imbalance, abs(_share_after(mix_aisles[n.aisle], request.gpus, opaque)
+                                   - cluster_frac))
         temp_key = n.inlet_temp_c if opaque else -n.inlet_temp_c
-        key = ((round(imbalance, 1),) if peak_of is None
-               else (peak_of[n.row], round(imbalance, 1)))
+        peak = None if peak_of is None else round(peak_of[n.row] + aisle_of.get(n.node_id, 0.0), 2)
+        # A row or aisle whose mix would drift far from the cluster's goes last, peak or not:
+        # every scope keeps load that can be shed or moved in an emergency (TAPAS §4.1).
+        key = ((round(imbalance, 1),) if peak is None
+               else (drift > MIX_TOLERANCE, peak, round(imbalance, 1)))
         ranked.append(((*key, temp_key, n.node_id), RankedNode(
             n.node_id, n.row, n.aisle, r[0], n.inlet_temp_c, r[1], frac_after,
             f"{r[2]}; inlet {n.inlet_temp_c:.1f} C ({'cooler' if opaque else 'warmer'} is "
@@ -129,6 +142,13 @@ def place(request: PlaceRequest, snapshot: ClusterSnapshot, limits: Limits,
             f"{frac_after:.0%} after vs cluster {cluster_frac:.0%}")))
     ranked.sort(key=lambda kr: kr[0])
     return [r for _, r in ranked]
+
+
+def _share_after(mix: list[int], gpus: int, opaque: bool) -> float:
+    """The opaque share of a scope's GPUs once the request is added."""
+    o, f = mix
+    o, f = (o + gpus, f) if opaque else (o, f + gpus)
+    return o / (o + f)
 
 
 def _peak_after(request: PlaceRequest, snapshot: ClusterSnapshot,
@@ -155,6 +175,36 @@ def _peak_key(peaks_w: dict[str, float], limits: Limits) -> dict[str, float]:
     scale = max(peaks_w.values()) or 1.0
     return {row: round(peak / (limits.row_power_limit_w.get(row) or scale), 2)
             for row, peak in peaks_w.items()}
+
+
+def _aisle_peak_key(request: PlaceRequest, snapshot: ClusterSnapshot,
+                    aisle_profiles_cfm: Mapping[str, Sequence[float]] | None, limits: Limits
+                    ) -> dict[str, float]:
+    """Per node, its aisle's predicted airflow peak with the request on it, as a share of the
+    aisle's limit (rounded to 1%, as _peak_key); empty without profiles or limits. Airflow is
+    linear in the node's GPU power (TAPAS eq. 3), so the request adds its profile above its
+    GPUs' idle draw times the node's CFM per GPU watt."""
+    prof = request.predicted_profile_w
+    if not prof or aisle_profiles_cfm is None:
+        return {}
+    out = {}
+    for n in snapshot.nodes:
+        limit = limits.aisle_airflow_cfm.get(n.aisle)
+        base = aisle_profiles_cfm.get(n.aisle)
+        if not limit or not base:
+            continue
+        if len(base) != len(prof):
+            raise InvalidArgument(f"aisle_profiles_cfm[{n.aisle!r}] has {len(base)} points, "
+                                  f"the request's predicted_profile_w {len(prof)}",
+                                  field="predicted_profile_w")
+        shape = shape_of(n)
+        cfm_per_w = ((node_power_w(shape, shape.max_gpu_power_w)[1] - node_power_w(shape, 0.0)[1])
+                     / shape.max_gpu_power_w) if shape.max_gpu_power_w > 0 else 0.0
+        model = GPU_MODELS.get(shape.gpu_type)
+        idle_w = request.gpus * (model.idle_power_w if model else 0.0)
+        peak = max(b + cfm_per_w * max(0.0, r - idle_w) for b, r in zip(base, prof, strict=True))
+        out[n.node_id] = round(peak / limit, 2)
+    return out
 
 
 def _consider(request: PlaceRequest, n: NodeState, busy: set[tuple[str, int]],

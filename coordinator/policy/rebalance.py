@@ -22,17 +22,8 @@ import gc
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from coordinator.policy.candidates import (
-    Candidate,
-    CandidateCache,
-    Mix,
-    estimated_power_w,
-    pareto_fronts_many,
-    size_endpoint,
-)
-from coordinator.policy.ledger import Ledger, shape_of
 from coordinator.policy.model import (
     ClusterSnapshot,
     EndpointOutcome,
@@ -45,10 +36,19 @@ from coordinator.policy.model import (
     RebalanceConfig,
     Stage,
 )
-from coordinator.policy.packing import Packer, Placed
-from coordinator.policy.staging import StartOp, StopOp, stage_plan
+from coordinator.policy.packing.candidates import (
+    Candidate,
+    CandidateCache,
+    Mix,
+    estimated_power_w,
+    pareto_fronts_many,
+    size_endpoint,
+)
+from coordinator.policy.packing.ledger import Ledger, shape_of
+from coordinator.policy.packing.packer import Packer, Placed
+from coordinator.policy.packing.staging import StartOp, StopOp, stage_plan
 from coordinator.profiles.schema import FULL_GPU, ProfileRow, QueryClass
-from nodeagent.gpu.models import GPU_MODELS
+from shapeshifter.hw.models import GPU_MODELS
 
 _EPS = 1e-9
 MIN_DEMAND_RPS = 1e-6  # below this a class counts as no demand
@@ -140,8 +140,17 @@ def _rebalance(snapshot: ClusterSnapshot, profiles: Sequence[ProfileRow], limits
     changes, outcomes = _decide(endpoints, config)
     taken_ids = {i.instance_id for i in snapshot.instances}
     placed: list[tuple[_Change, list[tuple[Candidate, Placed]]]] = []
+    over_ids: set[str] = set()
+    over_warnings: list[str] = []
     for ch in changes:
         result = _place_change(ch, packer, taken_ids, slices_by_gpu)
+        if result is None and config.place_over_limits and not ch.ep.covered:
+            with ledger.unlimited():
+                result = _place_change(ch, packer, taken_ids, slices_by_gpu)
+            if result is not None:
+                over_ids.update(p.key for _, p in result[1])
+                over_warnings.append(f"{ch.ep.spec.name}: placed over the row/aisle limits "
+                                     "(under-covered; power caps hold the scopes)")
         if result is None:
             outcomes[ch.ep.spec.name] = _outcome(ch.ep, None, "unplaceable",
                                                  "no mix fits the free GPUs within the row, "
@@ -153,7 +162,8 @@ def _rebalance(snapshot: ClusterSnapshot, profiles: Sequence[ProfileRow], limits
 
     ledger_now = _ledger(snapshot, limits, cands_of)
     row_before, aisle_before = dict(ledger_now.row_w), dict(ledger_now.aisle_cfm)
-    stages, warnings = _stages(placed, packer, ledger_now, cands_of, endpoints)
+    stages, warnings = _stages(placed, packer, ledger_now, cands_of, endpoints, over_ids)
+    warnings = over_warnings + warnings
     kept_power = sum(cands_of[i.instance_id].power_w for i in snapshot.instances)
     removed = sum(cands_of[i.instance_id].power_w for ch, _ in placed for i in ch.stop)
     added = sum(c.power_w for _, items in placed for c, _ in items)
@@ -441,7 +451,8 @@ def _new_id(endpoint: str, taken: set[str]) -> str:
 
 def _stages(placed: Sequence[tuple[_Change, list[tuple[Candidate, Placed]]]], packer: Packer,
             ledger_now: Ledger, cands_of: Mapping[str, Candidate],
-            endpoints: Sequence[_Endpoint]) -> tuple[list[Stage], list[str]]:
+            endpoints: Sequence[_Endpoint], over_ids: set[str]
+            ) -> tuple[list[Stage], list[str]]:
     prep = _gpu_prep(packer)
     starts, stops = [], []
     prepared: set[tuple[str, int]] = set()
@@ -449,7 +460,8 @@ def _stages(placed: Sequence[tuple[_Change, list[tuple[Candidate, Placed]]]], pa
         cap_of = _capacities(ch.ep.demand, [c for c, _ in items]
                              + [cands_of[i.instance_id] for i in ch.stop])
         for cand, p in items:
-            starts.append(_start_op(ch, cand, p, cap_of[cand], prep, prepared))
+            op = _start_op(ch, cand, p, cap_of[cand], prep, prepared)
+            starts.append(replace(op, over_limits=True) if p.key in over_ids else op)
         mix_desc = ch.mix.describe() if ch.stop else ""
         for inst in ch.stop:
             c = cands_of[inst.instance_id]

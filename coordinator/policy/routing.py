@@ -9,7 +9,8 @@ endpoint's SLO (row limits are the effective ones: an emergency lowers them). Th
 the traffic: KV-cache affinity favours instances holding more cached context; mode "energy"
 concentrates load on already busy instances (so idle ones can be scaled in or clocked down), mode
 "latency" spreads it towards the least loaded. An instance on a GPU under an emergency power cap
-(a constrained scope, DESIGN §5 Shed Phase 2) keeps only capped_weight_frac of its weight.
+(a constrained scope, DESIGN §5 Shed Phase 2) keeps only its relative throughput at the clock
+the cap allows (coordinator.policy.capping.phase2; capped_weight_frac when that is not known).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from coordinator.policy.ledger import gpu_temp_limit_c
 from coordinator.policy.model import ClusterSnapshot, InstanceState, Limits
-from nodeagent.errors import InvalidArgument, NotFound, out_of_range
+from coordinator.policy.packing.ledger import gpu_temp_limit_c
+from shapeshifter.common.errors import InvalidArgument, NotFound, out_of_range
 
 MODES = ("energy", "latency")
 
@@ -75,9 +76,8 @@ def routing_weights(endpoint: str, snapshot: ClusterSnapshot, limits: Limits | N
             raw.append((inst, 0.0, f"at risk: {risk}"))
         else:
             w, why = _preference(inst, config)
-            capped = _capped(inst, nodes, config)
-            raw.append((inst, w * config.capped_weight_frac, f"{why}; {capped}") if capped
-                       else (inst, w, why))
+            frac, capped = _capped(inst, nodes, config)
+            raw.append((inst, w * frac, f"{why}; {capped}") if capped else (inst, w, why))
     total = sum(w for _, w, _ in raw)
     return [RouteWeight(i.instance_id, i.node_id, (w / total) if total > 0 else 0.0, why)
             for i, w, why in raw]
@@ -102,14 +102,17 @@ def _risk(inst: InstanceState, nodes: dict, row_w: dict[str, float], limits: Lim
     return ""
 
 
-def _capped(inst: InstanceState, nodes: dict, config: RoutingConfig) -> str:
-    """Why the instance is in a constrained scope (a GPU under an emergency cap); "" if not."""
+def _capped(inst: InstanceState, nodes: dict, config: RoutingConfig) -> tuple[float, str]:
+    """(weight multiplier, why) when the instance is in a constrained scope (a GPU under an
+    emergency cap): its relative throughput at the clock the cap allows when known (Phase 2),
+    else capped_weight_frac; (1, "") when not."""
     node = nodes.get(inst.node_id)
     for g in node.gpus if node is not None else ():
         if g.index in inst.gpu_indices and g.emergency_cap_w > 0:
-            return (f"GPU {g.index} under an emergency cap of {g.emergency_cap_w:.0f} W "
-                    f"(weight x{config.capped_weight_frac:g})")
-    return ""
+            frac = g.capped_throughput_frac or config.capped_weight_frac
+            return frac, (f"GPU {g.index} under an emergency cap of {g.emergency_cap_w:.0f} W "
+                          f"(weight x{frac:.2g})")
+    return 1.0, ""
 
 
 def _preference(inst: InstanceState, config: RoutingConfig) -> tuple[float, str]:

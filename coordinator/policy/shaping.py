@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodeagent.errors import out_of_range
-from nodeagent.gpu.physics import POWER_CLOCK_EXPONENT
+from shapeshifter.common.errors import out_of_range
+from shapeshifter.hw.physics import POWER_CLOCK_EXPONENT
 
 
 @dataclass(frozen=True)

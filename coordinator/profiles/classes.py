@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coordinator.profiles.schema import ProfileError, QueryClass
-from nodeagent.errors import InvalidArgument
+from shapeshifter.common.errors import InvalidArgument
 
 DEFAULT_TAU_TOKENS = 500
 CLASSES: tuple[QueryClass, ...] = (QueryClass.SISO, QueryClass.SILO, QueryClass.LISO,
@@ -153,7 +153,7 @@ def provision(rate_rps: float, msrr_rps: float, mig_options: Sequence[MigOption]
 
 def mig_options_for(gpu_type: str) -> list[MigOption]:
     """The MIG profiles the node agent knows for a GPU type ("a100-80gb", ...); [] if unknown."""
-    from nodeagent.gpu.models import GPU_MODELS
+    from shapeshifter.hw.models import GPU_MODELS
 
     model = GPU_MODELS.get(gpu_type)
     if model is None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from coordinator.profiles.schema import ProfileRow, Source
-from nodeagent.errors import InvalidArgument
+from shapeshifter.common.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

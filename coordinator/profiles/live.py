@@ -19,14 +19,19 @@ from dataclasses import dataclass
 
 from coordinator.profiles.classes import DEFAULT_TAU_TOKENS
 from coordinator.profiles.schema import QueryClass
-from nodeagent.engines.scrape import (
+from shapeshifter.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    out_of_range,
+)
+from shapeshifter.vllm.metrics import (
     GENERATION_LENGTH,
     PROMPT_LENGTH,
     EngineSample,
     Histogram,
     parse_metrics,
 )
-from nodeagent.errors import FailedPrecondition, InvalidArgument, Unavailable, out_of_range
 
 INDEPENDENCE = "prompt and output lengths independent (vLLM exports them as separate histograms)"
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from coordinator.profiles.schema import FULL_GPU, ProfileRow, QueryClass, Source
-from nodeagent.errors import InvalidArgument, NotFound
+from shapeshifter.common.errors import InvalidArgument, NotFound
 
 # Values that interpolate linearly with the clock (all the numeric outcome fields).
 _INTERPOLATED = ("msrr_rps", "p95_latency_s", "p99_latency_s", "ttft_p95_s", "throughput_rps",

@@ -28,8 +28,8 @@ from typing import Protocol
 import structlog
 
 from coordinator.profiles.schema import FULL_GPU, ProfileRow, QueryClass, Source, validate
-from nodeagent.clock import Clock, SystemClock
-from nodeagent.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shapeshifter.common.clock import Clock, SystemClock
+from shapeshifter.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = structlog.get_logger(__name__)
 

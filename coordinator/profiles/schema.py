@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any
 
-from nodeagent.errors import InvalidArgument
+from shapeshifter.common.errors import InvalidArgument
 
 
 class QueryClass(StrEnum):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -25,6 +24,7 @@ from coordinator.profiles.schema import (
     Source,
     parse_row,
 )
+from shapeshifter.common.atomic import atomic_write
 
 _SOURCE_RANK = {Source.DERIVED: 0, Source.PUBLISHED: 1, Source.MEASURED: 2}
 
@@ -91,18 +91,8 @@ def write_csv(path: str | os.PathLike[str], rows: Sequence[ProfileRow]) -> None:
     """
     text = to_csv(rows)
     parse_csv(text, str(path))  # the file we write must load back
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, make_parents=True, encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def upsert_csv(path: str | os.PathLike[str], new_rows: Sequence[ProfileRow]) -> list[ProfileRow]:

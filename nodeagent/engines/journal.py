@@ -1,30 +1,20 @@
-"""Small JSON journals in the agent's state dir, replaced atomically (write temp, fsync, rename)."""
+"""Small JSON journals in the agent's state dir, replaced atomically (common.atomic)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from nodeagent.engines.spec import InstanceSpec
-from nodeagent.errors import Internal
+from shapeshifter.common.atomic import atomic_write
+from shapeshifter.common.errors import Internal
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, make_parents=True) as f:
+        json.dump(data, f, indent=1, sort_keys=True)
 
 
 def read_json(path: Path) -> Any | None:

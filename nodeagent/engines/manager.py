@@ -28,7 +28,6 @@ from pathlib import Path
 import structlog
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from nodeagent.clock import Clock, SystemClock
 from nodeagent.engines.command import build_command, build_env
 from nodeagent.engines.journal import read_json, spec_from_json, spec_to_json, write_json
 from nodeagent.engines.runner import (
@@ -39,10 +38,17 @@ from nodeagent.engines.runner import (
     rotate_log,
     tail_lines,
 )
-from nodeagent.engines.scrape import EngineMetrics, EngineSample, parse_metrics, update_metrics
 from nodeagent.engines.spec import DeviceInventory, InstanceSpec, validate_spec
 from nodeagent.engines.types import EngineLoad
-from nodeagent.errors import DomainError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from shapeshifter.common.clock import Clock, SystemClock
+from shapeshifter.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+)
+from shapeshifter.vllm.metrics import EngineMetrics, EngineSample, parse_metrics, update_metrics
 
 # Lazy: takes the logging configuration in force at first use, not at import.
 log = structlog.get_logger(component="engines")

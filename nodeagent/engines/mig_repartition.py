@@ -25,13 +25,19 @@ from typing import Any
 
 import structlog
 
+from nodeagent.device.backend import GpuBackend
 from nodeagent.engines.journal import read_json, spec_from_json, spec_to_json, write_json
 from nodeagent.engines.manager import InstanceManager, State
 from nodeagent.engines.spec import InstanceSpec
-from nodeagent.errors import DomainError, FailedPrecondition, Internal, InvalidArgument, NotFound
-from nodeagent.gpu.backend import GpuBackend
-from nodeagent.gpu.mig import place_mig_layout
-from nodeagent.gpu.types import MigInstance
+from shapeshifter.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+)
+from shapeshifter.hw.mig import place_mig_layout
+from shapeshifter.hw.types import MigInstance
 
 # Lazy: takes the logging configuration in force at first use, not at import.
 log = structlog.get_logger(component="engines.mig")

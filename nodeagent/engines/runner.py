@@ -22,7 +22,7 @@ from typing import Protocol
 
 import psutil
 
-from nodeagent.errors import Internal
+from shapeshifter.common.errors import Internal
 
 CREATE_TIME_TOLERANCE_S = 0.05
 UNKNOWN_EXIT_CODE = -1  # an adopted process is not our child: its exit code is not ours to read

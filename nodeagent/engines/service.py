@@ -1,6 +1,6 @@
 """gRPC translation for the instance RPCs and plan actions; all logic lives in the manager.
 
-The agent's servicer (nodeagent/server.py) forwards StartInstance, StopInstance,
+The agent's servicer (nodeagent/rpc/server.py) forwards StartInstance, StopInstance,
 ReconfigureInstance and ListInstances here; the actuator hands plan actions of those kinds to
 run_instance_action. Domain errors become gRPC statuses through errors.grpc_code only.
 """
@@ -15,8 +15,8 @@ import grpc
 
 from nodeagent.engines.manager import InstanceManager, InstanceStatus, State
 from nodeagent.engines.spec import InstanceSpec
-from nodeagent.errors import DomainError, FailedPrecondition, InvalidArgument, grpc_code
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.common.errors import DomainError, FailedPrecondition, InvalidArgument, grpc_code
 
 T = TypeVar("T")
 DEFAULT_DRAIN_TIMEOUT_S = InstanceSpec.__dataclass_fields__["drain_timeout_s"].default
@@ -86,7 +86,7 @@ def _drain_timeout(request: pb.StopInstanceRequest) -> float | None:
 
 
 class InstanceService:
-    """The object nodeagent/server.py forwards the instance RPCs to."""
+    """The object nodeagent/rpc/server.py forwards the instance RPCs to."""
 
     def __init__(self, manager: InstanceManager) -> None:
         self._manager = manager
@@ -117,7 +117,7 @@ class InstanceService:
         return [status_to_pb(s) for s in self._manager.list()]
 
     def run_instance_action(self, action: object) -> bool:
-        """Plan actions (nodeagent.actuation.InstanceAction: .kind, .request proto).
+        """Plan actions (nodeagent.actuation.actuator.InstanceAction: .kind, .request proto).
         Returns True when something changed; a rolled-back reconfigure is a failure."""
         kind, request = action.kind, action.request  # type: ignore[attr-defined]
         if kind == "start_instance":

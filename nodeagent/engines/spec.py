@@ -13,8 +13,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nodeagent.errors import InvalidArgument, NotFound, out_of_range
-from nodeagent.gpu.backend import GpuBackend
+from nodeagent.device.backend import GpuBackend
+from shapeshifter.common.errors import InvalidArgument, NotFound, out_of_range
 
 PRIORITY_CLASSES = ("saas", "iaas", "best_effort")
 QUANTIZATIONS = (

@@ -17,7 +17,7 @@ from nodeagent.engines.service import InstanceService
 from nodeagent.engines.sim_bridge import apply_engine_loads
 from nodeagent.engines.spec import inventory_from_backend
 from nodeagent.engines.types import EngineLoad
-from nodeagent.errors import DomainError
+from shapeshifter.common.errors import DomainError
 
 # Lazy: takes the logging configuration in force at first use, not at import.
 log = structlog.get_logger(component="engines")

@@ -20,8 +20,8 @@ from typing import Any
 
 import pynvml
 
-from nodeagent.gpu.models import GPU_MODELS, GpuModel
-from nodeagent.gpu.types import MigProfile
+from shapeshifter.hw.models import GPU_MODELS, GpuModel
+from shapeshifter.hw.types import MigProfile
 
 MIB = 1024 * 1024
 # GPU-instance profile enum -> (index into the model's MIG profiles, NVML profile id), as on

@@ -15,8 +15,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
 from tests.conftest import (
     AgentProcess,
     console_script,

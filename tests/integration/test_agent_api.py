@@ -20,8 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.v1 import agent_pb2 as pb
 from shapectl.cli import main as shapectl_main
+from shapeshifter.api.v1 import agent_pb2 as pb
 from tests.conftest import AgentProcess, poll, run_cli, start_agent
 
 H100_RANGE = "[200, 700] W"

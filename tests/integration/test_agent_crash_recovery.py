@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from nodeagent.engines.mig_repartition import JOURNAL_FILE as MIG_JOURNAL
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
 from tests import conftest
 from tests.conftest import AgentProcess, poll
 from tests.fakes.engine_harness import (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
 from tests.conftest import AgentProcess, console_script, start_agent
 
 

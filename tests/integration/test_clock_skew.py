@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
 from tests.conftest import AgentProcess, free_port, poll, start_agent
 from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
 from tests.conftest import AgentProcess, poll, run_cli
 from tests.integration.coordinator_proc import (
     Cluster,

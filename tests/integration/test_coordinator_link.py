@@ -17,16 +17,16 @@ import structlog
 from coordinator.core import CoordinatorCore
 from coordinator.daemon import build_server
 from coordinator.leases import LeasePolicy
-from coordinator.store import Store
-from coordinator.topology import parse_topology
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from nodeagent import actuation as act
-from nodeagent.clock import SystemClock
-from nodeagent.errors import FailedPrecondition
-from nodeagent.lease import LeaseKeeper
-from nodeagent.link import CoordinatorLink, LinkSettings
-from nodeagent.v1 import agent_pb2 as pb
+from coordinator.store.sqlite import Store
+from nodeagent.actuation import plan as act
+from nodeagent.rpc.link import CoordinatorLink, LinkSettings
+from nodeagent.safety.lease import LeaseKeeper
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.common.clock import SystemClock
+from shapeshifter.common.errors import FailedPrecondition
+from shapeshifter.topology import parse_topology
 from tests.conftest import poll
 
 TOPOLOGY = """\
@@ -43,19 +43,19 @@ class FakeActuator:
     """Records plans and ceilings; answers plans as told."""
 
     def __init__(self) -> None:
-        self.plans: list[act.Plan] = []
+        self.plans: list[act.NodePlan] = []
         self.ceilings: dict[str, dict[int, float | None]] = {}
         self.answer: Any = None  # an ActionOutcome, an exception, or None for ok
         self.delay_s = 0.0
 
-    def apply_plan(self, plan: act.Plan) -> act.PlanOutcome:
+    def apply_plan(self, plan: act.NodePlan) -> act.NodePlanOutcome:
         self.plans.append(plan)
         time.sleep(self.delay_s)
         if isinstance(self.answer, Exception):
             raise self.answer
         outcome = self.answer or act.ActionOutcome(plan.actions[0].action_id, True, True, "OK",
                                                    "", 0.001)
-        return act.PlanOutcome(plan.plan_id, (outcome,), outcome.ok)
+        return act.NodePlanOutcome(plan.plan_id, (outcome,), outcome.ok)
 
     def set_power_ceilings_w(self, ceilings: dict[int, float | None],
                              source: str) -> dict[int, bool]:

@@ -12,10 +12,10 @@ import time
 import grpc
 import psutil
 
-from coordinator.topology import Topology
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from shapectl.demo import demo_topology, peak_node_power_w
+from shapectl.commands.demo import demo_topology, peak_node_power_w
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.topology import Topology
 from tests.conftest import console_script, poll, run_cli
 
 

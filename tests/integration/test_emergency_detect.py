@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from nodeagent.v1 import agent_pb2 as pb
-from shapectl.demo import peak_node_power_w
+from shapectl.commands.demo import peak_node_power_w
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
 from tests.conftest import poll
 from tests.integration.coordinator_proc import Cluster, labelled_cluster
 

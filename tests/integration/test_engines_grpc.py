@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from nodeagent.engines.runner import UNKNOWN_EXIT_CODE
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
 from tests.conftest import AgentProcess, poll
 from tests.fakes.engine_harness import fake_launcher, make_model_dir, post_json
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.election import Election, FencedKV, NotLeader
-from coordinator.emergency_store import EmergencyRecord, EmergencyStore, Event
-from coordinator.etcd import EtcdClient, EtcdError, EtcdUnavailable
-from coordinator.etcd_stores import EtcdEmergencyStore, EtcdPlanStore, EtcdStore
-from coordinator.plan_store import PlanStore
-from nodeagent.v1 import agent_pb2
+from coordinator.ha.election import Election, FencedKV, NotLeader
+from coordinator.ha.etcd import EtcdClient, EtcdError, EtcdUnavailable
+from coordinator.store.emergency import EmergencyRecord, EmergencyStore, Event
+from coordinator.store.etcd import EtcdEmergencyStore, EtcdPlanStore, EtcdStore
+from coordinator.store.plans import PlanStore
+from shapeshifter.api.v1 import agent_pb2
 from tests.etcd_cluster import EtcdCluster, etcd_binary
 
 REPO = Path(__file__).resolve().parents[2]

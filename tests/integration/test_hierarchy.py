@@ -20,11 +20,11 @@ import grpc
 import pytest
 import yaml
 
-from coordinator.v1 import emergency_pb2 as epb
-from coordinator.v1 import emergency_pb2_grpc as epb_grpc
-from coordinator.v1 import hierarchy_pb2 as hpb
-from coordinator.v1 import hierarchy_pb2_grpc as hpb_grpc
-from shapectl.demo import free_port
+from shapectl.commands.demo import free_port
+from shapeshifter.api.v1 import emergency_pb2 as epb
+from shapeshifter.api.v1 import emergency_pb2_grpc as epb_grpc
+from shapeshifter.api.v1 import hierarchy_pb2 as hpb
+from shapeshifter.api.v1 import hierarchy_pb2_grpc as hpb_grpc
 from tests.conftest import poll
 from tests.integration.coordinator_proc import (
     Cluster,

@@ -16,24 +16,24 @@ import grpc
 import pytest
 import structlog
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from nodeagent import actuation as act
-from nodeagent.clock import SystemClock
-from nodeagent.lease import LeaseKeeper
-from nodeagent.link import CoordinatorLink, LinkSettings
-from nodeagent.transport import LEADER_METADATA_KEY, leader_hint
-from nodeagent.v1 import agent_pb2 as pb
-from shapectl.demo import free_port
+from nodeagent.actuation import plan as act
+from nodeagent.rpc.link import CoordinatorLink, LinkSettings
+from nodeagent.safety.lease import LeaseKeeper
+from shapectl.commands.demo import free_port
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.api.v1 import link_pb2_grpc as lpb_grpc
+from shapeshifter.common.clock import SystemClock
+from shapeshifter.net.transport import LEADER_METADATA_KEY, leader_hint
 from tests.conftest import poll
 
 RECONNECT_INITIAL_S = 5.0
 FAST_S = 2.5  # well under one backoff step
 SILENT_TTL_S = 1.0
 # Dials of one address in one cycle: 1, plus redials when grpc.aio loses a refusal's status
-# (grpc/grpc#36066; nodeagent.link.StatusLost).
+# (grpc/grpc#36066; nodeagent.rpc.link.StatusLost).
 MAX_DIALS = 3
-Msg = cpb.CoordinatorMessage
+Msg = lpb.CoordinatorMessage
 
 
 def lease(epoch: int, ttl_s: float) -> Msg:
@@ -41,23 +41,23 @@ def lease(epoch: int, ttl_s: float) -> Msg:
                               gpu_power_limit_w={0: 700.0}))
 
 
-class Replica(cpb_grpc.AgentLinkServicer):
+class Replica(lpb_grpc.AgentLinkServicer):
     def __init__(self) -> None:
         self.connects = 0
         self.registered_at: list[float] = []  # monotonic time of each Registered sent
 
-    async def _registered(self, requests: AsyncIterator[cpb.AgentMessage], epoch: int) -> Msg:
+    async def _registered(self, requests: AsyncIterator[lpb.AgentMessage], epoch: int) -> Msg:
         first = await anext(aiter(requests))
         assert first.WhichOneof("kind") == "register"
         self.registered_at.append(time.monotonic())
-        return Msg(registered=cpb.Registered(node_id=first.register.node_id, epoch=epoch,
+        return Msg(registered=lpb.Registered(node_id=first.register.node_id, epoch=epoch,
                                              topology_known=True))
 
 
 class Leader(Replica):
     """Registers the agent and answers every report with a lease (like the real one, renewed)."""
 
-    async def Connect(self, requests: AsyncIterator[cpb.AgentMessage],
+    async def Connect(self, requests: AsyncIterator[lpb.AgentMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Msg]:
         self.connects += 1
         yield await self._registered(requests, epoch=2)
@@ -73,7 +73,7 @@ class Follower(Replica):
         super().__init__()
         self.leader = leader
 
-    async def Connect(self, requests: AsyncIterator[cpb.AgentMessage],
+    async def Connect(self, requests: AsyncIterator[lpb.AgentMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Msg]:
         self.connects += 1
         if self.leader is None:
@@ -93,7 +93,7 @@ class Silent(Replica):
         super().__init__()
         self.silent_since = 0.0
 
-    async def Connect(self, requests: AsyncIterator[cpb.AgentMessage],
+    async def Connect(self, requests: AsyncIterator[lpb.AgentMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Msg]:
         self.connects += 1
         if self.connects == 1:
@@ -118,7 +118,7 @@ class Replicas:
     def add(self, servicer: Replica) -> str:
         async def start() -> int:
             server = grpc.aio.server()
-            cpb_grpc.add_AgentLinkServicer_to_server(servicer, server)
+            lpb_grpc.add_AgentLinkServicer_to_server(servicer, server)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
             self.servers.append(server)
@@ -143,7 +143,7 @@ def replicas() -> Iterator[Replicas]:
 
 
 class FakeActuator:
-    def apply_plan(self, plan: act.Plan) -> act.PlanOutcome:
+    def apply_plan(self, plan: act.NodePlan) -> act.NodePlanOutcome:
         raise AssertionError("no plans in these tests")
 
     def set_power_ceilings_w(self, ceilings: dict[int, float | None],

@@ -19,7 +19,7 @@ import pytest
 from coordinator.profiles.profiler import OpenAIEndpoint, SweepConfig, sweep
 from coordinator.profiles.schema import COLUMNS, QueryClass, Source
 from coordinator.profiles.store import load_csv
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
 from tests.conftest import free_port, poll, run_cli, start_agent
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_vllm.py"

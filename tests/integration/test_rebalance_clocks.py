@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from nodeagent.gpu.models import GPU_MODELS
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.hw.models import GPU_MODELS
 from tests.conftest import AgentProcess, free_port, poll, run_cli, start_agent
 from tests.fakes.engine_harness import (
     fast_agent_config,

@@ -15,11 +15,11 @@ import grpc
 import pytest
 import yaml
 
-from coordinator.v1 import coordinator_pb2 as cpb
-from coordinator.v1 import coordinator_pb2_grpc as cpb_grpc
-from nodeagent.authz import token_sha256
-from nodeagent.v1 import agent_pb2 as pb
-from nodeagent.v1 import agent_pb2_grpc as pb_grpc
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2_grpc as pb_grpc
+from shapeshifter.api.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
+from shapeshifter.net.authz import token_sha256
 from tests.conftest import AgentProcess, console_script, free_port, poll, run_cli, start_agent
 from tests.integration.coordinator_proc import CoordinatorProcess, start_coordinator
 

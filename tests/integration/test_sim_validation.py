@@ -1,7 +1,7 @@
 """bench/sim_validation.py at small scale: the simulator and the live system (coordinator +
 sim agents) agree on the same scenario, and both bring the failing row under its new limit.
 
-Both sides compute power with nodeagent/gpu/physics.py and server_model.py, so the peak must
+Both sides compute power with shapeshifter/hw/physics.py and server_model.py, so the peak must
 agree closely; a change to either side's physics, server rollup, topology or load would move it.
 """
 

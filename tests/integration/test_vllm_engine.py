@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
 from tests.conftest import AgentProcess, poll, start_agent
 from tests.fakes.engine_harness import get_json, post_json
 

@@ -5,26 +5,25 @@ from typing import Any
 
 import pytest
 
-from nodeagent.actuation import (
-    Actuator,
+from nodeagent.actuation.actuator import Actuator
+from nodeagent.actuation.journal import Journal
+from nodeagent.actuation.plan import (
     ApplyMigLayout,
     InstanceAction,
-    Plan,
-    PlanAction,
+    NodeAction,
+    NodePlan,
     SetPowerLimit,
-    check_failsafe_w,
-    failsafe_ceilings_w,
 )
-from nodeagent.clock import ManualClock
-from nodeagent.errors import (
+from nodeagent.actuation.power import check_failsafe_w, failsafe_ceilings_w
+from nodeagent.device.sim import SimulatedBackend
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.errors import (
     FailedPrecondition,
     InUse,
     InvalidArgument,
     NotFound,
     PermissionDenied,
 )
-from nodeagent.gpu.sim import SimulatedBackend
-from nodeagent.journal import Journal
 
 
 class RecordingLog:
@@ -219,10 +218,10 @@ def test_failed_write_surfaces_and_is_not_journaled(fx: Fixture) -> None:
 
 
 def test_plan_epochs_and_stop_at_first_failure(fx: Fixture) -> None:
-    plan = Plan("p", 4, (
-        PlanAction("a", SetPowerLimit(0, 300)),
-        PlanAction("b", SetPowerLimit(0, 9000)),
-        PlanAction("c", SetPowerLimit(1, 300)),
+    plan = NodePlan("p", 4, (
+        NodeAction("a", SetPowerLimit(0, 300)),
+        NodeAction("b", SetPowerLimit(0, 9000)),
+        NodeAction("c", SetPowerLimit(1, 300)),
     ))  # fmt: skip
     outcome = fx.actuator.apply_plan(plan)
     assert not outcome.completed
@@ -234,15 +233,15 @@ def test_plan_epochs_and_stop_at_first_failure(fx: Fixture) -> None:
     with pytest.raises(
         FailedPrecondition, match="plan epoch 3 is older than the newest seen epoch 4"
     ):
-        fx.actuator.apply_plan(Plan("old", 3, (PlanAction("x", SetPowerLimit(1, 300)),)))
+        fx.actuator.apply_plan(NodePlan("old", 3, (NodeAction("x", SetPowerLimit(1, 300)),)))
     assert fx.limit_w(1) == 700
-    assert fx.actuator.apply_plan(Plan("same", 4, ())).completed
+    assert fx.actuator.apply_plan(NodePlan("same", 4, ())).completed
     assert Journal.open(fx.state_dir).epoch_seen == 4
 
 
 def test_instance_actions_delegate(fx: Fixture) -> None:
     action = InstanceAction("stop_instance", object())
-    outcome = fx.actuator.apply_plan(Plan("p", 1, (PlanAction("s", action),)))
+    outcome = fx.actuator.apply_plan(NodePlan("p", 1, (NodeAction("s", action),)))
     assert outcome.results[0].message == "no engine manager configured"
 
     class Runner:
@@ -254,14 +253,14 @@ def test_instance_actions_delegate(fx: Fixture) -> None:
             return True
 
     fx.actuator.instance_runner = runner = Runner()
-    outcome = fx.actuator.apply_plan(Plan("p", 1, (PlanAction("s", action),)))
+    outcome = fx.actuator.apply_plan(NodePlan("p", 1, (NodeAction("s", action),)))
     assert outcome.completed and outcome.results[0].changed and runner.seen == [action]
 
 
 def test_mig_parted_action_in_plan(fx: Fixture) -> None:
     text = "version: v1\nmig-configs:\n  all7:\n    - devices: all\n      mig-enabled: false\n"
     fx.actuator.set_mig_mode(0, True)
-    plan = Plan("p", 1, (PlanAction("m", ApplyMigLayout(0, (), text, "all7")),))
+    plan = NodePlan("p", 1, (NodeAction("m", ApplyMigLayout(0, (), text, "all7")),))
     assert fx.actuator.apply_plan(plan).completed
     assert not fx.backend.mig_state(0).enabled
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.v1 import coordinator_pb2
-from nodeagent.authz import (
+from nodeagent.config import ConfigError, load_config
+from shapeshifter.api.v1 import agent_pb2, coordinator_pb2, link_pb2
+from shapeshifter.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from shapeshifter.net.authz import (
     ADMIN,
     OPERATE,
     PUBLIC,
@@ -19,10 +21,7 @@ from nodeagent.authz import (
     load_tokens,
     token_sha256,
 )
-from nodeagent.config import ConfigError, load_config
-from nodeagent.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from nodeagent.transport import check_plaintext, is_loopback
-from nodeagent.v1 import agent_pb2
+from shapeshifter.net.transport import check_plaintext, is_loopback
 
 AGENT = "/shapeshifter.nodeagent.v1.NodeAgent/"
 COORD = "/shapeshifter.coordinator.v1.Coordinator/"
@@ -34,7 +33,8 @@ def cert(name: str, role: str | None) -> dict[str, list[bytes]]:
 
 
 def test_every_rpc_is_in_a_table() -> None:
-    for file, table in ((agent_pb2, agent_table()), (coordinator_pb2, coordinator_table())):
+    for file, table in ((agent_pb2, agent_table()), (coordinator_pb2, coordinator_table()),
+                        (link_pb2, coordinator_table())):
         for service in file.DESCRIPTOR.services_by_name.values():
             for m in service.methods:
                 assert table.required(f"/{service.full_name}/{m.name}")

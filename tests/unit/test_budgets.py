@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.budgets import Budget, gpu_budget, node_budget
 from nodeagent.engines.types import EngineLoad
-from nodeagent.gpu.server_model import server_model_for
-from nodeagent.gpu.types import GpuTelemetry, ThermalThresholds
+from nodeagent.telemetry.budgets import Budget, gpu_budget, node_budget
+from shapeshifter.hw.server_model import server_model_for
+from shapeshifter.hw.types import GpuTelemetry, ThermalThresholds
 
 THRESHOLDS = ThermalThresholds(slowdown_c=87.0, shutdown_c=92.0)
 

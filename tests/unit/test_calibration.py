@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.clock import ManualClock
-from nodeagent.gpu import physics
-from nodeagent.gpu.sim import SimulatedBackend
+from nodeagent.device.sim import SimulatedBackend
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.hw import physics
 
 OASIS_POWER_W = {1320: 239.4, 855: 145.2}
 OASIS_TOKENS_PER_S = {1320: 914.8, 855: 846.7}

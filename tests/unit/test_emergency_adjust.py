@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.emergency import EmergencyController
-from nodeagent import errors
-from nodeagent.v1 import agent_pb2
+from coordinator.emergency.controller import EmergencyController
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.common import errors
 from tests.unit.test_emergency_controller import Rig, rig, run, settle
 
 

@@ -14,20 +14,20 @@ from typing import Any
 import pytest
 
 from coordinator.core import CoordinatorCore
-from coordinator.emergency import EmergencyController, EmergencySettings
-from coordinator.emergency_store import EmergencyStore
+from coordinator.emergency.controller import EmergencyController, EmergencySettings
 from coordinator.leases import LeasePolicy
-from coordinator.plan_store import PlanStore
-from coordinator.rebalance_snapshot import ScopeCut, limits_of
-from coordinator.rebalancer import Rebalancer, RebalanceSettings
+from coordinator.rebalance.loop import Rebalancer, RebalanceSettings
+from coordinator.rebalance.snapshot import ScopeCut, limits_of
 from coordinator.registry import NodeRecord
 from coordinator.session import AgentSession
-from coordinator.store import Store
-from coordinator.topology import parse_topology
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent import errors
-from nodeagent.clock import ManualClock
-from nodeagent.v1 import agent_pb2
+from coordinator.store.emergency import EmergencyStore
+from coordinator.store.plans import PlanStore
+from coordinator.store.sqlite import Store
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.common import errors
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.topology import parse_topology
 
 ROW_LIMIT_W = 2000.0
 TOPOLOGY = f"""
@@ -67,8 +67,18 @@ class Rig:
                               labels={"site": "s1", "row": row, "rack": rack, "aisle": aisle},
                               sampled_at_unix_s=self.clock.time())
         self.seq[node_id] = self.seq.get(node_id, 0) + 1
-        self.core.registry.ingest(self.recs[node_id], cpb.NodeReport(node=node,
+        self.core.registry.ingest(self.recs[node_id], lpb.NodeReport(node=node,
                                                                      seq=self.seq[node_id]))
+
+    def auto_declared(self, after_s: float) -> Any:
+        """n1 500 W over the 2000 W row limit for after_s (the detection time): the one
+        emergency there is then (the automatic one)."""
+        self.report("n1", 2500.0)
+        self.ctl.tick()
+        self.clock.advance(after_s)
+        self.ctl.tick()
+        (view,) = self.ctl.list(active_only=False)
+        return view
 
     def answer(self) -> None:
         """Every node acknowledges what its stream carried so far."""
@@ -89,7 +99,7 @@ def rig(tmp_path: Path, **settings: Any) -> Rig:
                            lease_policy=LeasePolicy(5.0))
     recs = {}
     for node_id, (row, rack, aisle) in RACKS.items():
-        msg = cpb.Register(node_id=node_id, labels={"site": "s1", "row": row, "rack": rack,
+        msg = lpb.Register(node_id=node_id, labels={"site": "s1", "row": row, "rack": rack,
                                                     "aisle": aisle})
         recs[node_id], _ = core.register(msg, AgentSession(node_id))
     ctl = EmergencyController(core, EmergencyStore(tmp_path / "c.db"),
@@ -169,11 +179,7 @@ def test_a_declaration_supersedes_the_automatic_emergency_in_place(tmp_path: Pat
     r = rig(tmp_path, detect_after_s=1.0)
 
     async def scenario() -> None:
-        r.report("n1", 2500.0)
-        r.ctl.tick()
-        r.clock.advance(1.0)
-        r.ctl.tick()
-        (auto,) = r.ctl.list(active_only=False)
+        auto = r.auto_declared(1.0)
         view = r.ctl.declare("row", "r1", "power", 0.75, 0.0, 0.0, "ups", "UPS 2 down", "op")
         assert view.rec.emergency_id == auto.rec.emergency_id  # the same one, not cleared
         assert view.rec.source == "ups" and view.rec.power_limit_w == 0.75 * ROW_LIMIT_W
@@ -209,11 +215,7 @@ def test_default_settings_cap_a_row_over_its_limit_until_it_is_under(tmp_path: P
         "detect_after_s", "retighten_after_s")})
 
     async def scenario() -> None:
-        r.report("n1", 2500.0)  # 500 W over the 2000 W limit
-        r.ctl.tick()
-        r.clock.advance(EmergencySettings().detect_after_s)
-        r.ctl.tick()
-        (view,) = r.ctl.list(active_only=False)
+        view = r.auto_declared(EmergencySettings().detect_after_s)
         assert (view.rec.source, view.rec.state) == ("auto", "active")
         await settle()
         r.answer()
@@ -239,11 +241,7 @@ def test_an_active_emergency_over_its_limit_again_is_cut_further(tmp_path: Path)
     r = rig(tmp_path, detect_after_s=1.0, retighten_after_s=3.0)
 
     async def scenario() -> None:
-        r.report("n1", 2500.0)
-        r.ctl.tick()
-        r.clock.advance(1.0)
-        r.ctl.tick()
-        (view,) = r.ctl.list(active_only=False)
+        view = r.auto_declared(1.0)
         eid = view.rec.emergency_id
         await settle()
         r.answer()

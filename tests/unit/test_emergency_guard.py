@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from nodeagent.clock import ManualClock
-from nodeagent.emergency import EMERGENCY, FALLBACK, EmergencyGuard
-from nodeagent.v1 import agent_pb2
+from nodeagent.safety.emergency import EMERGENCY, FALLBACK, EmergencyGuard
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.common.clock import ManualClock
 from tests.unit.test_leases import FakeCeilings
 
 LEVELS = {0.9: {0: 600.0}, 0.75: {0: 400.0, 1: 500.0}, 0.5: {0: 200.0, 1: 200.0}}

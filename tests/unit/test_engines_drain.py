@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from nodeagent.clock import ManualClock
 from nodeagent.engines.manager import State, wait_until_idle
+from shapeshifter.common.clock import ManualClock
 from tests.fakes.engine_harness import (
     fast_settings,
     make_model_dir,

@@ -18,7 +18,7 @@ from nodeagent.engines.manager import JOURNAL_FILE, EngineSettings, InstanceMana
 from nodeagent.engines.runner import ProcessRunner, rotate_log, tail_lines
 from nodeagent.engines.spec import DeviceInventory
 from nodeagent.engines.types import EngineLoad
-from nodeagent.errors import FailedPrecondition, NotFound
+from shapeshifter.common.errors import FailedPrecondition, NotFound
 from tests.fakes.engine_harness import (
     fast_settings,
     make_model_dir,

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.clock import ManualClock
+from nodeagent.device.sim import SimulatedBackend
 from nodeagent.engines.manager import InstanceManager, State
 from nodeagent.engines.mig_repartition import JOURNAL_FILE, MigRepartitioner
 from nodeagent.engines.runner import ProcessRunner
 from nodeagent.engines.spec import inventory_from_backend
-from nodeagent.errors import InvalidArgument
-from nodeagent.gpu.sim import SimulatedBackend
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.errors import InvalidArgument
 from tests.fakes.engine_harness import fast_settings, make_model_dir, spec, stop_all
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.engines.scrape import (
+from shapeshifter.vllm.metrics import (
     E2E_LATENCY,
     Histogram,
     histogram_quantile,

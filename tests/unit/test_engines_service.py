@@ -8,11 +8,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nodeagent.actuation import InstanceAction
+from nodeagent.actuation.plan import InstanceAction
 from nodeagent.engines.service import InstanceService, spec_from_pb, spec_to_pb
 from nodeagent.engines.spec import InstanceSpec
-from nodeagent.errors import FailedPrecondition
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
+from shapeshifter.common.errors import FailedPrecondition
 from tests.fakes.engine_harness import fast_settings, make_model_dir, running_manager
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.clock import ManualClock
+from nodeagent.device.sim import SimulatedBackend
 from nodeagent.engines.sim_bridge import BUSY_FLOOR, activity_of, apply_engine_loads
 from nodeagent.engines.types import EngineLoad
-from nodeagent.gpu.sim import SimulatedBackend
+from shapeshifter.common.clock import ManualClock
 
 
 def test_activity_of() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from nodeagent.engines.manager import EngineSettings, InstanceManager
 from nodeagent.engines.spec import DeviceInventory, InstanceSpec, validate_spec
-from nodeagent.errors import InvalidArgument, NotFound
+from shapeshifter.common.errors import InvalidArgument, NotFound
 
 MIG_A = "MIG-aaaaaaaa-0000-0000-0000-000000000001"
 MIG_B = "MIG-aaaaaaaa-0000-0000-0000-000000000002"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.errors import InvalidArgument
-from nodeagent.gpu.mig import MEMORY_SLOTS, parse_mig_parted, place_mig_layout
-from nodeagent.gpu.models import GPU_MODELS
-from nodeagent.gpu.types import MigProfile
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.hw.mig import MEMORY_SLOTS, parse_mig_parted, place_mig_layout
+from shapeshifter.hw.models import GPU_MODELS
+from shapeshifter.hw.types import MigProfile
 
 P80 = GPU_MODELS["a100-80gb"].mig_profiles
 P40 = GPU_MODELS["a100-40gb"].mig_profiles

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pynvml
 import pytest
 
-from nodeagent.errors import (
+from nodeagent.device.backend import GpuBackend
+from nodeagent.device.nvml import NvmlBackend, throttle_reason_names
+from shapeshifter.common.errors import (
     FailedPrecondition,
     Internal,
     InUse,
@@ -15,8 +17,6 @@ from nodeagent.errors import (
     PermissionDenied,
     Unavailable,
 )
-from nodeagent.gpu.backend import GpuBackend
-from nodeagent.gpu.nvml import NvmlBackend, throttle_reason_names
 from tests.fakes.fake_pynvml import FakeNvml
 
 
@@ -286,7 +286,7 @@ def test_importing_the_gpu_package_does_not_import_pynvml() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, nodeagent.gpu, nodeagent.gpu.sim, nodeagent.gpu.nvml; "
+    code = ("import sys, nodeagent.device, nodeagent.device.sim, nodeagent.device.nvml; "
             "sys.exit('pynvml' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.errors import Unavailable
-from nodeagent.gpu.nvml import NvmlBackend
+from nodeagent.device.nvml import NvmlBackend
+from shapeshifter.common.errors import Unavailable
 
 pytestmark = pytest.mark.gpu
 

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from nodeagent.clock import ManualClock
-from nodeagent.errors import FailedPrecondition, InUse, InvalidArgument, NotFound
-from nodeagent.gpu.backend import GpuBackend
-from nodeagent.gpu.models import GPU_MODELS
-from nodeagent.gpu.sim import SimulatedBackend
-from nodeagent.gpu.simload import demo_load
+from nodeagent.device.backend import GpuBackend
+from nodeagent.device.sim import SimulatedBackend
+from nodeagent.device.simload import demo_load
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.errors import FailedPrecondition, InUse, InvalidArgument, NotFound
+from shapeshifter.hw.models import GPU_MODELS
 
 
 def make(gpu_type: str = "a100-40gb", n: int = 8, **kw) -> tuple[SimulatedBackend, ManualClock]:

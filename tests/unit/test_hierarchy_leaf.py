@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from coordinator.daemon import build_arg_parser
-from coordinator.hierarchy import hierarchy_settings_from_args
-from coordinator.hierarchy_leaf import LeafEnforcer
+from coordinator.hierarchy.leaf import LeafEnforcer
+from coordinator.hierarchy.wiring import hierarchy_settings_from_args
 from coordinator.security import CoordinatorSecurity
-from coordinator.v1 import hierarchy_pb2 as hpb
-from nodeagent import errors
+from shapeshifter.api.v1 import hierarchy_pb2 as hpb
+from shapeshifter.common import errors
 from tests.unit.test_emergency_controller import ROW_LIMIT_W, Rig, rig, run, settle
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.hierarchy_parent import LeafSession, ParentController
-from coordinator.hierarchy_store import SiteLimitStore
-from coordinator.store import Store
-from coordinator.topology import parse_topology
-from coordinator.v1 import hierarchy_pb2 as hpb
-from nodeagent import errors
-from nodeagent.authz import ADMIN, READ, coordinator_table
-from nodeagent.clock import ManualClock
+from coordinator.hierarchy.parent import LeafSession, ParentController
+from coordinator.store.hierarchy import SiteLimitStore
+from coordinator.store.sqlite import Store
+from shapeshifter.api.v1 import hierarchy_pb2 as hpb
+from shapeshifter.common import errors
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.net.authz import ADMIN, READ, coordinator_table
+from shapeshifter.topology import parse_topology
 
 TOPOLOGY = """
 version: 1

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.hierarchy_policy import (
+from coordinator.hierarchy.policy import (
     ADJUST,
     BLOCKED_LOCAL,
     CLEAR,
@@ -21,7 +21,7 @@ from coordinator.hierarchy_policy import (
     row_step,
     split_site_limit,
 )
-from nodeagent.v1 import agent_pb2 as pb
+from shapeshifter.api.v1 import agent_pb2 as pb
 
 ROWS = {"r1": RowDemand(normal_w=4000, floor_w=1800, draw_w=3600),
         "r2": RowDemand(normal_w=4000, floor_w=1800, draw_w=2600)}

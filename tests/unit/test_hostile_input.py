@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from coordinator.v1 import coordinator_pb2 as cpb
+from shapeshifter.api.v1 import link_pb2 as lpb
 from tests import hostile
 
 FAST = settings(max_examples=60, deadline=None, database=None,
@@ -57,8 +57,8 @@ def test_coordinator_rpc_hostile_requests(coordinator: hostile.CoordinatorHarnes
 
 def test_hostile_agent_registration_and_reports(coordinator: hostile.CoordinatorHarness) -> None:
     @FAST
-    @given(hostile.proto(cpb.Register), hostile.proto(cpb.NodeReport))
-    def check(register: cpb.Register, report: cpb.NodeReport) -> None:
+    @given(hostile.proto(lpb.Register), hostile.proto(lpb.NodeReport))
+    def check(register: lpb.Register, report: lpb.NodeReport) -> None:
         _assert_clear(coordinator.register(register, report))
 
     check()

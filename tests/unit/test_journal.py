@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.errors import Internal
-from nodeagent.journal import GpuDefaults, Journal, JournalError
+from nodeagent.actuation.journal import GpuDefaults, Journal, JournalError
+from shapeshifter.common.errors import Internal
 
 DEFAULTS = GpuDefaults(uuid="GPU-a", power_limit_w=700.0, mig_enabled=False)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from coordinator.leases import LeasePolicy, make_lease, normal_caps_w
-from nodeagent.clock import ManualClock
-from nodeagent.errors import InvalidArgument, Unavailable
-from nodeagent.lease import LeaseKeeper
-from nodeagent.v1 import agent_pb2
+from coordinator.leases import LeasePolicy, normal_caps_w
+from coordinator.rpc.agent_codec import lease as make_lease
+from nodeagent.safety.lease import LeaseKeeper
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.errors import InvalidArgument, Unavailable
 
 FAILSAFE_W = {0: 280.0, 1: 300.0}
 

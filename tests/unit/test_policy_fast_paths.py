@@ -15,16 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.policy.candidates import (
-    Candidate,
-    CandidateCache,
-    Mix,
-    all_candidates,
-    pareto_fronts,
-    pareto_fronts_many,
-    size_endpoint,
-)
-from coordinator.policy.ledger import Ledger, shape_of
 from coordinator.policy.model import (
     ClusterSnapshot,
     EndpointSpec,
@@ -34,7 +24,17 @@ from coordinator.policy.model import (
     NodeState,
     RebalanceConfig,
 )
-from coordinator.policy.packing import GpuBin, Packer
+from coordinator.policy.packing.candidates import (
+    Candidate,
+    CandidateCache,
+    Mix,
+    all_candidates,
+    pareto_fronts,
+    pareto_fronts_many,
+    size_endpoint,
+)
+from coordinator.policy.packing.ledger import Ledger, shape_of
+from coordinator.policy.packing.packer import GpuBin, Packer
 from coordinator.policy.rebalance import rebalance
 from coordinator.profiles.schema import ProfileRow, QueryClass, Source
 

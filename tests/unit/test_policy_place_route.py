@@ -14,7 +14,7 @@ from coordinator.policy.model import (
 )
 from coordinator.policy.placement import PlaceRequest, place
 from coordinator.policy.routing import RoutingConfig, routing_weights
-from nodeagent.errors import InvalidArgument, NotFound
+from shapeshifter.common.errors import InvalidArgument, NotFound
 
 A100 = "a100-80gb"
 
@@ -142,3 +142,17 @@ def test_bad_capped_weight_names_the_field() -> None:
     with pytest.raises(InvalidArgument, match=r"capped_weight_frac.*\(0") as err:
         routing_weights("e", _capped_snapshot(250.0), config=RoutingConfig(capped_weight_frac=0))
     assert err.value.field == "capped_weight_frac"
+
+
+def test_phase2_throughput_sets_the_capped_weight() -> None:
+    """With Phase 2's relative throughput at the cap's clock known, the capped instance keeps
+    that share of its weight (not the configured constant)."""
+    gpus = (GpuState(0, A100, emergency_cap_w=200.0, capped_throughput_frac=0.8),
+            GpuState(1, A100))
+    snap = ClusterSnapshot((NodeState("n1", "r1", "a1", gpus, power_draw_w=2000.0),),
+                           (InstanceState("capped", "e", "n1", (0,), "m"),
+                            InstanceState("free", "e", "n1", (1,), "m")),
+                           (EndpointSpec("e", "m"),))
+    w = {x.instance_id: x for x in routing_weights("e", snap, Limits())}
+    assert w["capped"].weight == pytest.approx(0.8 * w["free"].weight)
+    assert "x0.8" in w["capped"].reason

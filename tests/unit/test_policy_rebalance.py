@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.policy.ledger import Ledger, node_power_w, shape_of
 from coordinator.policy.model import (
     ClusterSnapshot,
     EndpointSpec,
@@ -20,11 +19,12 @@ from coordinator.policy.model import (
     Plan,
     RebalanceConfig,
 )
+from coordinator.policy.packing.ledger import Ledger, node_power_w, shape_of
 from coordinator.policy.rebalance import rebalance
 from coordinator.profiles.schema import ProfileRow, QueryClass, Source
-from nodeagent.errors import InvalidArgument
-from nodeagent.gpu.mig import place_mig_layout
-from nodeagent.gpu.models import GPU_MODELS
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.hw.mig import place_mig_layout
+from shapeshifter.hw.models import GPU_MODELS
 
 A100 = "a100-80gb"
 LISO = QueryClass.LISO

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from coordinator.policy import capacity, configure, shaping
-from coordinator.policy.model import ClusterSnapshot, GpuState, Limits, NodeState
+from coordinator.policy.model import ClusterSnapshot, GpuState, InstanceState, Limits, NodeState
 from coordinator.policy.placement import PlaceRequest, place
 from coordinator.profiles.schema import QueryClass
 from coordinator.profiles.store import default_rows
-from nodeagent.errors import InvalidArgument
-from nodeagent.gpu.models import GPU_MODELS
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.hw.models import GPU_MODELS
 
 A100 = GPU_MODELS["a100-80gb"]
 LLAMA = "meta-llama/Meta-Llama-3-8B"
@@ -170,9 +170,11 @@ def test_a_hot_gpu_gets_less_load_and_a_clock_ceiling() -> None:
 
 # ---------------- placement ----------------
 
-def _node(name: str, row: str, inlet_c: float) -> NodeState:
-    gpus = tuple(GpuState(index=i, gpu_type="a100-80gb", power_draw_w=60.0) for i in range(8))
-    return NodeState(node_id=name, row=row, aisle="a0", gpus=gpus, inlet_temp_c=inlet_c,
+def _node(name: str, row: str, inlet_c: float, aisle: str = "a0",
+          reserved: bool = False) -> NodeState:
+    gpus = tuple(GpuState(index=i, gpu_type="a100-80gb", power_draw_w=60.0, reserved=reserved)
+                 for i in range(8))
+    return NodeState(node_id=name, row=row, aisle=aisle, gpus=gpus, inlet_temp_c=inlet_c,
                      power_draw_w=1600.0)
 
 
@@ -189,6 +191,36 @@ def test_coinciding_peaks_land_in_different_rows() -> None:
     # Without profiles, the same request goes to the coolest node (r0).
     plain = place(PlaceRequest(gpus=8, predicted_peak_power_w=3000.0), snap, limits)
     assert plain[0].row == "r0"
+
+
+def test_coinciding_peaks_land_in_different_aisles() -> None:
+    """Same row, two aisles: the aisle whose airflow already peaks when the request does loses
+    to the other one, although its node is cooler."""
+    snap = ClusterSnapshot(nodes=(_node("n0", "r0", 24.0, "a0"), _node("n1", "r0", 26.0, "a1")))
+    limits = Limits(row_power_limit_w={"r0": 40_000.0},
+                    aisle_airflow_cfm={"a0": 3000.0, "a1": 3000.0})
+    peak_early = (3000.0, 500.0, 500.0, 500.0)
+    rows = {"r0": (5000.0, 2000.0, 2000.0, 2000.0)}
+    aisles = {"a0": (2500.0, 900.0, 900.0, 900.0), "a1": (900.0, 900.0, 900.0, 900.0)}
+    req = PlaceRequest(gpus=8, predicted_peak_power_w=3000.0, predicted_profile_w=peak_early)
+    assert place(req, snap, limits, rows)[0].node_id == "n0"  # rows alone: the cooler node
+    assert place(req, snap, limits, rows, aisles)[0].node_id == "n1"
+
+
+def test_a_row_keeps_load_that_can_be_shed() -> None:
+    """A row that already holds only opaque GPUs does not take another opaque load whose peak
+    it would absorb best: its mix would drift past MIX_TOLERANCE from the cluster's."""
+    snap = ClusterSnapshot(nodes=(_node("n0", "r0", 24.0, reserved=True),
+                                  _node("n1", "r0", 24.0), _node("n2", "r1", 26.0),
+                                  _node("n3", "r1", 26.0)),
+                           instances=(InstanceState("i2", "chat", "n2", tuple(range(8)), "m"),))
+    limits = Limits(row_power_limit_w={"r0": 40_000.0, "r1": 40_000.0})
+    req = PlaceRequest(gpus=8, predicted_peak_power_w=3000.0,
+                       predicted_profile_w=(3000.0, 500.0, 500.0, 500.0))
+    rows = {"r0": (2000.0, 5000.0, 5000.0, 5000.0), "r1": (5000.0, 2000.0, 2000.0, 2000.0)}
+    ranked = place(req, snap, limits, rows)
+    assert ranked[0].row == "r1"  # r0 would have a lower peak, but would be all opaque
+    assert ranked[-1].row == "r0"
 
 
 def test_a_profile_of_the_wrong_length_is_refused() -> None:

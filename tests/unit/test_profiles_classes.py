@@ -19,7 +19,7 @@ from coordinator.profiles.classes import (
     read_azure_trace,
 )
 from coordinator.profiles.schema import QueryClass
-from nodeagent.errors import InvalidArgument
+from shapeshifter.common.errors import InvalidArgument
 from tests.conftest import SHARED_DIR
 
 TRACE = SHARED_DIR / "data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"

@@ -13,9 +13,9 @@ import pytest
 
 from coordinator.profiles.live import classify_window, fraction_at_most, observe
 from coordinator.profiles.schema import QueryClass
-from nodeagent.engines.scrape import PROMPT_LENGTH, Histogram, parse_metrics
-from nodeagent.errors import FailedPrecondition, InvalidArgument
 from shapectl.cli import main as shapectl_main
+from shapeshifter.common.errors import FailedPrecondition, InvalidArgument
+from shapeshifter.vllm.metrics import PROMPT_LENGTH, Histogram, parse_metrics
 
 BOUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 

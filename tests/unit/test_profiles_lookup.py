@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.profiles.lookup import interpolate_clock, pareto_front, pareto_fronts, select
 from coordinator.profiles.schema import ProfileRow, QueryClass, Source
-from nodeagent.errors import InvalidArgument, NotFound
+from shapeshifter.common.errors import InvalidArgument, NotFound
 
 
 def _row(**over: object) -> ProfileRow:

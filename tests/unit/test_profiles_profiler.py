@@ -18,8 +18,8 @@ from coordinator.profiles.profiler import (
     sweep,
 )
 from coordinator.profiles.schema import QueryClass, Source
-from nodeagent.clock import ManualClock
-from nodeagent.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 
 def test_percentile_linear_between_ranks() -> None:

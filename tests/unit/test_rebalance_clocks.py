@@ -12,7 +12,6 @@ import pytest
 
 from coordinator.core import CoordinatorCore
 from coordinator.leases import LeasePolicy
-from coordinator.plan_store import PlanStore
 from coordinator.policy.clocks import clock_stage, with_clock_stage
 from coordinator.policy.configure import ConfigureConfig
 from coordinator.policy.model import (
@@ -26,16 +25,17 @@ from coordinator.policy.model import (
     Stage,
 )
 from coordinator.profiles.schema import ProfileRow, QueryClass
-from coordinator.rebalance_server import plan_pb
-from coordinator.rebalance_snapshot import EndpointDecl
-from coordinator.rebalancer import Rebalancer, RebalanceSettings, _effect_shown, diff_lines
+from coordinator.rebalance.loop import Rebalancer, RebalanceSettings, _effect_shown, diff_lines
+from coordinator.rebalance.snapshot import EndpointDecl
+from coordinator.rpc.rebalance import plan_pb
 from coordinator.session import AgentSession
-from coordinator.store import Store
-from coordinator.topology import parse_topology
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent.clock import ManualClock
-from nodeagent.gpu.models import GPU_MODELS
-from nodeagent.v1 import agent_pb2
+from coordinator.store.plans import PlanStore
+from coordinator.store.sqlite import Store
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.hw.models import GPU_MODELS
+from shapeshifter.topology import parse_topology
 
 H100 = "h100-80gb"
 MAX_MHZ = GPU_MODELS[H100].sm_max_clock_mhz
@@ -172,9 +172,9 @@ def _report(lock: tuple[int, int] | None = None) -> agent_pb2.Node:
 def _rebalancer(tmp_path: Path, demand_rps: float) -> tuple[Rebalancer, Any]:
     core = CoordinatorCore(parse_topology(TOPOLOGY), Store(tmp_path / "c.db"), ManualClock(),
                            epoch=1, lease_policy=LeasePolicy(5.0))
-    rec, _ = core.register(cpb.Register(node_id="n1", labels=dict(_report().labels)),
+    rec, _ = core.register(lpb.Register(node_id="n1", labels=dict(_report().labels)),
                            AgentSession("n1"))
-    core.registry.ingest(rec, cpb.NodeReport(node=_report(), seq=1))
+    core.registry.ingest(rec, lpb.NodeReport(node=_report(), seq=1))
     r = Rebalancer(core, PlanStore(tmp_path / "p.db"), PROFILES, RebalanceSettings())
     r.set_endpoint(EndpointDecl(EndpointSpec("tiny", "tiny", slo_p95_s=20.0),
                                 demand_rps=demand_rps, query_class="LISO"), "test")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.rebalancer import _effect_shown
-from nodeagent.v1 import agent_pb2 as pb
+from coordinator.rebalance.loop import _effect_shown
+from shapeshifter.api.v1 import agent_pb2 as pb
 
 
 def _rec(*instances: tuple[str, str], mig_pending: bool = False,

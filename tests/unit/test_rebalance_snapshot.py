@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.plan_store import PlanStore
 from coordinator.policy.model import EndpointSpec
 from coordinator.profiles.schema import QueryClass
-from coordinator.rebalance_snapshot import (
+from coordinator.rebalance.snapshot import (
     DemandEstimator,
     EndpointDecl,
     emergency_cap_w,
@@ -19,8 +18,9 @@ from coordinator.rebalance_snapshot import (
     measured_rps,
     validate_decl,
 )
-from nodeagent.errors import InvalidArgument
-from nodeagent.v1 import agent_pb2
+from coordinator.store.plans import PlanStore
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.common.errors import InvalidArgument
 
 
 @pytest.mark.parametrize(("prompt", "gen", "expected"), [

@@ -4,13 +4,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from nodeagent.actuation import Actuator
-from nodeagent.clock import ManualClock, SystemClock
+from nodeagent.actuation.actuator import Actuator
+from nodeagent.actuation.journal import Journal
+from nodeagent.device.sim import SimulatedBackend
 from nodeagent.engines.types import EngineLoad
-from nodeagent.gpu.sim import SimulatedBackend
-from nodeagent.journal import Journal
-from nodeagent.sampler import NodeIdentity, Sampler
-from nodeagent.server import node_to_pb
+from nodeagent.rpc.codec import node_to_pb
+from nodeagent.telemetry.sampler import NodeIdentity, Sampler
+from shapeshifter.common.clock import ManualClock, SystemClock
 
 
 class NullLog:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.clock import ManualClock
-from nodeagent.sdnotify import Notifier
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.sdnotify import Notifier
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.policy.shed import (
+from coordinator.policy.capping.shed import (
     BEST_EFFORT,
     IAAS,
     SAAS,
@@ -17,7 +17,7 @@ from coordinator.policy.shed import (
     relaxed_cap_w,
     shed,
 )
-from nodeagent.gpu import physics
+from shapeshifter.hw import physics
 
 
 def gpu(node: str, index: int, cls: str, draw_w: float = 600.0, decode_frac: float = 0.5,

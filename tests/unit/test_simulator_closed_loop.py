@@ -19,7 +19,7 @@ from coordinator.policy.model import (
 )
 from coordinator.profiles.schema import QueryClass
 from coordinator.profiles.store import default_rows
-from nodeagent.gpu.models import GPU_MODELS
+from shapeshifter.hw.models import GPU_MODELS
 from simulator.engine import Engine
 from simulator.observe import Observation
 from simulator.policies import make_policy

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nodeagent.clock import ManualClock
-from nodeagent.errors import InvalidArgument
-from nodeagent.gpu.models import gpu_model
-from nodeagent.gpu.sim import SimulatedBackend
+from nodeagent.device.sim import SimulatedBackend
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.hw.models import gpu_model
 from simulator.engine import Engine, simulate
 from simulator.gpus import GpuArrays
 from simulator.policies import make_policy, water_fill_cap_w
@@ -101,15 +101,32 @@ def test_same_seed_same_results_other_seed_differs(trace) -> None:
 
 def test_uniform_caps_slow_everything_priority_caps_spare_opaque(trace) -> None:
     """TAPAS Table 2: blunt uniform capping slows opaque (IaaS) GPUs too; shedding by priority
-    takes the cut from the flexible (SaaS) GPUs first."""
+    takes the free watts first (SaaS slack, opaque down to its performance floor)."""
     s = small(duration_s=240, failures=[{"kind": "ups", "at_s": 30, "target": 0,
-                                         "capacity_frac": 0.6}])
+                                         "capacity_frac": 0.75}])
     # Same balanced placement (each row mixes opaque and SaaS servers); only the shedding differs.
     base = simulate(s, trace, "place").summary()
     shape = simulate(s, trace, "shapeshifter-no-rebalance").summary()
     assert base["opaque_relative_perf"] < 0.99
     assert shape["opaque_relative_perf"] > base["opaque_relative_perf"]
+    assert shape["slo_attainment"] > base["slo_attainment"]
     assert base["capped_time_frac"] > 0.2
+
+
+def test_deep_cut_is_shared_below_the_floors(trace) -> None:
+    """At 60% of a row's feed the free watts are not enough: below the floors SaaS and opaque
+    give the same share, which keeps more requests within the SLO than uniform caps at
+    about the same opaque performance (SaaS at their minimum limit would miss the SLO)."""
+    s = small(duration_s=240, failures=[{"kind": "ups", "at_s": 30, "target": 0,
+                                         "capacity_frac": 0.6}])
+    base = simulate(s, trace, "place").summary()
+    shape = simulate(s, trace, "shapeshifter-no-rebalance").summary()
+    assert shape["slo_attainment"] > base["slo_attainment"] + 0.02
+    assert shape["opaque_relative_perf"] == pytest.approx(base["opaque_relative_perf"], abs=0.02)
+    # The SLO over the failure window and over the capped steps say the same.
+    during = [m["emergencies"][0]["slo_attainment_during"] for m in (base, shape)]
+    assert 0 < during[0] < during[1] <= 1
+    assert base["slo_attainment_capped"] < shape["slo_attainment_capped"]
 
 
 def test_synchronous_loads_in_one_row_make_peaks_coincide(trace) -> None:

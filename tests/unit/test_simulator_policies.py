@@ -72,15 +72,16 @@ def test_engine_sheds_through_the_coordinator_function(trace, monkeypatch) -> No
     calls = []
     real = policies.shed
 
-    def spy(snapshot, limit_w, margin_frac):
+    def spy(snapshot, limit_w, margin_frac, saas_deep_weight=1.0):
         calls.append((len(snapshot.gpus), limit_w))
-        return real(snapshot, limit_w, margin_frac)
+        assert 0.0 <= saas_deep_weight <= 1.0
+        return real(snapshot, limit_w, margin_frac, saas_deep_weight)
 
     monkeypatch.setattr(policies, "shed", spy)
     eng = engine(trace, duration_s=90, failures=[{"kind": "ups", "at_s": 30, "target": 0,
                                                   "capacity_frac": 0.6}])
     eng.run()
-    assert calls, "the UPS failure never reached coordinator.policy.shed.shed"
+    assert calls, "the UPS failure never reached coordinator.policy.capping.shed.shed"
     assert all(n == len(np.flatnonzero(eng.gpu_row == 0)) for n, _ in calls[:1])
 
 
@@ -149,7 +150,7 @@ def test_placement_mixes_every_row_and_places_within_limits(trace) -> None:
 
 def test_policy_sources_name_the_coordinator_functions() -> None:
     src = policy_sources("shapeshifter")
-    assert src["shed"] == "coordinator.policy.shed.shed"
+    assert src["shed"] == "coordinator.policy.capping.shed.shed"
     assert src["rebalance"].startswith("coordinator.policy.rebalance.rebalance sized by "
                                        "coordinator.policy.capacity")
     assert src["route"].startswith("coordinator.policy.routing.routing_weights")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from coordinator.state import NodeView, liveness, rollup, summarize
-from coordinator.topology import Liveness, Placement, parse_topology
-from nodeagent.v1 import agent_pb2
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.topology import Liveness, Placement, parse_topology
 
 TOPOLOGY = """\
 version: 1

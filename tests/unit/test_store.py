@@ -11,11 +11,11 @@ from coordinator.core import CoordinatorCore, IngestStats
 from coordinator.leases import LeasePolicy
 from coordinator.registry import NodeRecord
 from coordinator.session import AgentSession
-from coordinator.store import Store, StoredNode
-from coordinator.topology import parse_topology
-from coordinator.v1 import coordinator_pb2 as cpb
-from nodeagent.clock import ManualClock
-from nodeagent.v1 import agent_pb2
+from coordinator.store.sqlite import Store, StoredNode
+from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.api.v1 import link_pb2 as lpb
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.topology import parse_topology
 
 
 def stored(node_id: str, seen_s: float, report: agent_pb2.Node | None) -> StoredNode:
@@ -75,7 +75,7 @@ def test_audit_newest_first_filtered_by_node(tmp_path: Path) -> None:
 
 
 def _register(core: CoordinatorCore, node_id: str) -> NodeRecord:
-    msg = cpb.Register(node_id=node_id, labels={"site": "s1"})
+    msg = lpb.Register(node_id=node_id, labels={"site": "s1"})
     rec, _ = core.register(msg, AgentSession(node_id))
     return rec
 
@@ -89,11 +89,11 @@ def test_batched_flush_is_fifo_bounded_and_retried(tmp_path: Path) -> None:
     recs = [_register(core, f"n{i}") for i in range(5)]
     assert core.flush(limit=2) == 2 and core.flush(limit=2) == 2  # n0, n1 then n2, n3
     for i, rec in enumerate(recs[:2]):
-        report = cpb.NodeReport(node=agent_pb2.Node(node_id=rec.node_id), seq=i + 1)
+        report = lpb.NodeReport(node=agent_pb2.Node(node_id=rec.node_id), seq=i + 1)
         core.registry.ingest(rec, report)
     assert [r.node_id for r in core.registry.take_dirty(10)] == ["n4", "n0", "n1"]
 
-    core.registry.ingest(recs[2], cpb.NodeReport(node=agent_pb2.Node(node_id="n2"), seq=1))
+    core.registry.ingest(recs[2], lpb.NodeReport(node=agent_pb2.Node(node_id="n2"), seq=1))
     store.close()  # the next write fails: the node must stay queued
     with pytest.raises(sqlite3.ProgrammingError):
         core.flush()

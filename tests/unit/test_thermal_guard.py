@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeagent.clock import ManualClock
-from nodeagent.gpu.types import PowerConstraints
-from nodeagent.thermal_guard import SOURCE, GuardSettings, ThermalGuard, decide_ceiling_w
+from nodeagent.safety.thermal import SOURCE, GuardSettings, ThermalGuard, decide_ceiling_w
+from shapeshifter.common.clock import ManualClock
+from shapeshifter.hw.types import PowerConstraints
 
 H100 = PowerConstraints(min_w=200, max_w=700, default_w=700)
 S = GuardSettings(margin_c=3, hysteresis_c=3, step_frac=0.05, cooldown_s=5)  # 35 W steps

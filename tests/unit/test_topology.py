@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.topology import Placement, load_topology, parse_topology
-from nodeagent.errors import InvalidArgument
+from shapeshifter.common.errors import InvalidArgument
+from shapeshifter.topology import Placement, load_topology, parse_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from coordinator.profiles.classes import class_shares, read_azure_trace
-from nodeagent.errors import InvalidArgument
 from shapectl.cli import main
+from shapeshifter.common.errors import InvalidArgument
 from simulator import synth
 from simulator.trace import load_trace
 

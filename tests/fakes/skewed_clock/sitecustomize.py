@@ -11,6 +11,6 @@ _skew_s = float(os.environ.get("SHAPESHIFTER_TEST_SKEW_S", "0"))
 if _skew_s:
     import time
 
-    from nodeagent.clock import SystemClock
+    from shapeshifter.common.clock import SystemClock
 
     SystemClock.time = lambda self: time.time() + _skew_s  # type: ignore[method-assign]

@@ -1,0 +1,1 @@
+"""Emergency load shedding: the controller and its phases."""

@@ -1,0 +1,1 @@
+"""Highly available replicas on etcd: the client, election and the replica loop."""

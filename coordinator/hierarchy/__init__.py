@@ -1,0 +1,1 @@
+"""Hierarchical coordinators: parent, leaves, their policy and wiring."""

@@ -1,0 +1,1 @@
+"""Pure emergency policies: the shed across tiers and Phase 2."""

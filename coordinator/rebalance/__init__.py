@@ -1,0 +1,1 @@
+"""The rebalancing loop and the snapshots it plans from."""

@@ -1,0 +1,1 @@
+"""gRPC servicers (translation only) and the routes HTTP endpoint."""

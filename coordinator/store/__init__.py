@@ -1,0 +1,1 @@
+"""Where a coordinator keeps its state: SQLite or etcd."""

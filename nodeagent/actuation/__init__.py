@@ -1,0 +1,1 @@
+"""Plans applied to the GPUs and engines, and their journal."""

@@ -1,5 +1,0 @@
-"""GPU backends behind one Protocol (backend.py): NVML (nvml.py) and simulated (sim.py).
-
-Kept light on purpose: importing this package does not import pynvml; import the backend
-modules directly (``from nodeagent.gpu.sim import SimulatedBackend``).
-"""

@@ -1,0 +1,1 @@
+"""gRPC: the NodeAgent servicer and the coordinator link."""

@@ -1,0 +1,1 @@
+"""What holds without the coordinator: leases, emergency caps, the thermal guard."""

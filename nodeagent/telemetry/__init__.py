@@ -1,0 +1,1 @@
+"""Sampling, budgets and the Prometheus endpoint."""

@@ -1,0 +1,1 @@
+"""The subcommands: each module has register(subparsers), whose parsers set func(args) -> int."""

@@ -1,0 +1,1 @@
+"""Errors, clock, logging, sd_notify, the atomic writer and the YAML loader."""

@@ -1,0 +1,1 @@
+"""GPU catalog, power/thermal physics, server model, MIG geometry and value types."""

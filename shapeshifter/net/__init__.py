@@ -1,0 +1,1 @@
+"""TLS transport, token authorization and redialling streams."""

@@ -1,0 +1,1 @@
+"""What the daemons read from vLLM: its Prometheus metrics."""
