@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -58,6 +57,7 @@ from coordinator.policy.capping import phase2
 from coordinator.policy.capping import shed as policy
 from coordinator.rebalance.snapshot import ScopeCut, capped_gpus, decode_frac, instances_by_gpu
 from coordinator.registry import NodeRecord
+from coordinator.rpc import agent_codec
 from coordinator.session import AgentSession
 from coordinator.store.emergency import EmergencyRecord, EmergencyStoreLike, Event
 from shapeshifter.api.v1 import agent_pb2
@@ -188,7 +188,7 @@ class EmergencyController:
         new_limit = normal * frac
         power_limit_w = new_limit if kind == "power" else self._cooling_power_w(scope, name, frac)
         now = self._core.clock.time()
-        rec = EmergencyRecord(uuid.uuid4().hex[:12], scope, name, kind, ACTIVE, frac, normal,
+        rec = EmergencyRecord(agent_codec.new_id()[:12], scope, name, kind, ACTIVE, frac, normal,
                               new_limit, power_limit_w, source or "operator", note, now)
         live = _Live(rec, self._core.clock.monotonic())
         self._live[rec.emergency_id] = live
@@ -537,7 +537,7 @@ class EmergencyController:
     def _directive(self, live: _Live, caps: dict[int, float] | None,
                    active: bool = True) -> agent_pb2.EmergencyDirective:
         return agent_pb2.EmergencyDirective(
-            directive_id=uuid.uuid4().hex, epoch=self._core.epoch,
+            directive_id=agent_codec.new_id(), epoch=self._core.epoch,
             emergency_id=live.rec.emergency_id, active=active,
             capacity_frac=live.rec.capacity_frac, gpu_power_ceiling_w=caps or {},
             has_caps=caps is not None, fallback_after_s=self._s.fallback_after_s,
@@ -740,8 +740,7 @@ class EmergencyController:
 
     async def _send_plan(self, live: _Live, rec: NodeRecord, actions: list[agent_pb2.Action],
                          what: str) -> None:
-        plan = agent_pb2.Plan(plan_id=uuid.uuid4().hex, epoch=self._core.epoch,
-                              actions=actions, reason=f"emergency {live.rec.emergency_id}")
+        plan = agent_codec.plan(actions, self._core.epoch, f"emergency {live.rec.emergency_id}")
         session = rec.session
         if session is None:
             return
@@ -807,7 +806,7 @@ class EmergencyController:
     def _reset_clocks(self, live: _Live) -> None:
         by_id = {r.node_id: r for r in self._core.registry.records()}
         for node_id, indices in live.phase2_locked.items():
-            actions = [agent_pb2.Action(action_id=uuid.uuid4().hex,
+            actions = [agent_pb2.Action(action_id=agent_codec.new_id(),
                                         reset_clocks=agent_pb2.ResetClocksRequest(gpu_index=i))
                        for i in indices]
             if node_id in by_id:
@@ -851,7 +850,7 @@ class EmergencyController:
         if session is None or session.closed:
             return
         self._prearm_sessions[rec.node_id] = session
-        msg = agent_pb2.EmergencyPrearm(prearm_id=uuid.uuid4().hex, epoch=self._core.epoch,
+        msg = agent_pb2.EmergencyPrearm(prearm_id=agent_codec.new_id(), epoch=self._core.epoch,
                                         levels=[agent_pb2.PrearmedLevel(
                                             capacity_frac=s, gpu_power_ceiling_w=caps)
                                             for s, caps in sorted(levels.items())])
@@ -884,8 +883,9 @@ class EmergencyController:
             else:  # restored after a restart: keep its fallback until caps are known
                 rec.session.send(lpb.CoordinatorMessage(emergency=self._directive(live, None)))
             return
-        lift = agent_pb2.EmergencyDirective(directive_id=uuid.uuid4().hex, epoch=self._core.epoch,
-                                            active=False, reason="no emergency")
+        lift = agent_pb2.EmergencyDirective(directive_id=agent_codec.new_id(),
+                                            epoch=self._core.epoch, active=False,
+                                            reason="no emergency")
         rec.session.send(lpb.CoordinatorMessage(emergency=lift))
 
     def _detect(self, now_mono_s: float) -> None:
@@ -1080,7 +1080,7 @@ def _clock_lock_actions(rec: NodeRecord, caps: dict[int, float]) -> list[agent_p
     lowest = {g.key[1]: min(g.point.supported_clocks_mhz) for g in gpus}
     plan = phase2.plan_phase2(gpus)
     return [agent_pb2.Action(
-        action_id=uuid.uuid4().hex, reason="emergency phase 2",
+        action_id=agent_codec.new_id(), reason="emergency phase 2",
         lock_clocks=agent_pb2.LockClocksRequest(gpu_index=index, min_mhz=lowest[index],
                                                 max_mhz=mhz))
         for (_, index), mhz in sorted(plan.clock_mhz.items())]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -56,6 +55,7 @@ from coordinator.rebalance.snapshot import (
     with_phase2_demand,
 )
 from coordinator.registry import NodeRecord
+from coordinator.rpc import agent_codec
 from coordinator.store.plans import PlanStoreLike
 from coordinator.validation import validate_action
 from shapeshifter.api.v1 import agent_pb2
@@ -140,7 +140,7 @@ class Rebalancer:
         plan = with_clock_stage(plan, snapshot, self._profiles, GPU_MODELS,
                                 self._s.policy.headroom_frac, self._s.configure)
         now = self._core.clock.time()
-        doc = plan_doc(plan, uuid.uuid4().hex[:12], self._core.epoch, now, trigger)
+        doc = plan_doc(plan, agent_codec.new_id()[:12], self._core.epoch, now, trigger)
         self._last_run_unix_s = now
         if not plan.stages and not keep_empty:
             return doc
@@ -399,8 +399,7 @@ class Rebalancer:
             built = [(a, self._agent_action(rec, a)) for a in actions]
             for _, pb in built:
                 validate_action(rec.report, pb)
-            plan = agent_pb2.Plan(plan_id=uuid.uuid4().hex, epoch=self._core.epoch,
-                                  actions=[pb for _, pb in built], reason=actor)
+            plan = agent_codec.plan([pb for _, pb in built], self._core.epoch, actor)
             for a, _ in built:
                 a["state"] = "running"
             self._save(doc)
@@ -425,7 +424,7 @@ class Rebalancer:
 
     def _agent_action(self, rec: NodeRecord, a: dict[str, Any]) -> agent_pb2.Action:
         ex = a["exec"]
-        action = agent_pb2.Action(action_id=uuid.uuid4().hex, reason=a["reason"][:500])
+        action = agent_pb2.Action(action_id=agent_codec.new_id(), reason=a["reason"][:500])
         kind = a["kind"]
         if kind == "set_mig_mode":
             action.set_mig_mode.CopyFrom(agent_pb2.SetMigModeRequest(

@@ -1,7 +1,7 @@
-"""The coordinator -> agent codec: every protobuf the coordinator sends an agent is built here
-(registration answers, leases, plans and their actions, emergency directives and pre-armed
-levels), from the coordinator's own values. Callers hand over domain values and get messages;
-nothing else in the coordinator constructs agent-bound protobufs."""
+"""The coordinator -> agent codec: registration answers, leases, the plan envelope and the ids
+of everything sent to an agent. Not yet all of it (issue 16 is open for this): the emergency
+controller still builds its directives, pre-arms and actions, and the rebalance loop its
+actions, themselves; they take their plans and ids from here."""
 
 from __future__ import annotations
 
@@ -33,11 +33,3 @@ def plan(actions: Sequence[agent_pb2.Action], epoch: int, reason: str,
          plan_id: str = "") -> agent_pb2.Plan:
     return agent_pb2.Plan(plan_id=plan_id or new_id(), epoch=epoch, actions=list(actions),
                           reason=reason)
-
-
-# ---------------------------------------------------------------- emergency messages
-# (directives, lifts, pre-armed levels, shedding actions: coordinator.emergency)
-
-
-# ---------------------------------------------------------------- rebalance plans
-# (a policy plan's actions: coordinator.rebalance)
