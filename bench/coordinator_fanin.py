@@ -9,6 +9,7 @@ to it being in the state the rollups are computed from) and its CPU time (psutil
     python bench/coordinator_fanin.py --nodes 1000 --seconds 20
 
 The last line is: nodes=M reports_per_s=X p50_ms=Y p99_ms=Z coordinator_cpu_pct=W
+cpu_us_per_report=C (coordinator process CPU time over the window / reports ingested in it).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ RACKS_PER_ROW = 10
 WARMUP_S = 3.0
 COLUMNS = (("nodes", "nodes"), ("connected", "streams"), ("reports_per_s", "reports/s"),
            ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
-           ("coordinator_cpu_pct", "coordinator CPU %"), ("getcluster_ms", "GetCluster ms"),
+           ("coordinator_cpu_pct", "coordinator CPU %"), ("cpu_us_per_report", "CPU us/report"),
+           ("getcluster_ms", "GetCluster ms"),
            ("reporters_cpu_pct", "reporters CPU %"))
 CONNECT_TIMEOUT_S = 60.0
 
@@ -216,9 +218,11 @@ def run(nodes: int, seconds: float, processes: int, status_every_s: float) -> di
         stop_coordinators([proc])
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = t1 - t0
+    reports = s1.reports_total - s0.reports_total
     return {
         "nodes": nodes,
-        "reports_per_s": (s1.reports_total - s0.reports_total) / elapsed,
+        "reports_per_s": reports / elapsed,
+        "cpu_us_per_report": 1e6 * (cpu1 - cpu0) / reports if reports else float("inf"),
         "p50_ms": s1.delay_p50_ms,
         "p99_ms": s1.delay_p99_ms,
         "max_ms": s1.delay_max_ms,
@@ -261,7 +265,8 @@ def main() -> int:
     print(header)
     print("  ".join(f"{r[key]:>{len(title)}.1f}" for key, title in COLUMNS))
     print(f"nodes={args.nodes} reports_per_s={r['reports_per_s']:.1f} p50_ms={r['p50_ms']:.2f} "
-          f"p99_ms={r['p99_ms']:.2f} coordinator_cpu_pct={r['coordinator_cpu_pct']:.1f}")
+          f"p99_ms={r['p99_ms']:.2f} coordinator_cpu_pct={r['coordinator_cpu_pct']:.1f} "
+          f"cpu_us_per_report={r['cpu_us_per_report']:.1f}")
     return 0
 
 

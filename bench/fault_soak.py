@@ -27,7 +27,11 @@ exposure clock restarts when it runs again (a stopped process can act on nothing
 
     python bench/fault_soak.py --nodes 200 --seconds 600
 
-The last line is: faults=A refused_ok=B unsafe=C lost=D doubled=E
+The last line is: faults=A refused_ok=B unsafe=C lost=D doubled=E missing_hosts=F
+stuck_sessions=G. Shutdown is bounded: a host cancels sessions still running 10 s past the end
+and reports; one that sends nothing within 30 s is killed. The figures are printed either way
+(actions of a missing host's nodes are not judged), and the exit status is 1 when a host was
+missing or had to cancel, with the host named on stderr.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+import queue
 import random
 import shutil
 import signal
@@ -76,6 +81,8 @@ from launch import local_address, start_coordinator, stop_coordinators, wait_for
 GRACE_S = 3.0  # fallback_after_s (1 s) + a report interval + scheduling slack
 STALL_S = 1.0  # a tick gap this long means the process was stopped
 TICK_S = 0.2
+HOST_GRACE_S = 10.0  # past stop_at, a host cancels what is still running and reports
+COLLECT_GRACE_S = 30.0  # past stop_at, the soak stops waiting for a host's report
 EXPECTED = {  # bad request -> the codes that refuse it correctly
     "unknown_node": {"NOT_FOUND"},
     "nan_watts": {"INVALID_ARGUMENT", "OUT_OF_RANGE"},
@@ -160,8 +167,8 @@ class SoakNode(VirtualNode):
             self.unsafe, self._counted = self.unsafe + 1, True
 
 
-def host_process(address: str, indices: list[int], nodes: int, stop_at: float, seed: int,
-                 partition_every_s: float, results: Any) -> None:
+def host_process(host: int, address: str, indices: list[int], nodes: int, stop_at: float,
+                 seed: int, partition_every_s: float, results: Any) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
     rng = random.Random(seed)
 
@@ -182,17 +189,26 @@ def host_process(address: str, indices: list[int], nodes: int, stop_at: float, s
                 victim.partition.set()
                 victim.partitions += 1
 
-    async def main() -> list[SoakNode]:
+    async def main() -> None:
         vnodes = [SoakNode(i, nodes) for i in indices]
-        tasks = [v.run(address, stop_at, random.Random(seed + i)) for i, v in zip(
-            indices, vnodes, strict=True)]
-        await asyncio.gather(ticker(vnodes), partitioner(vnodes), *tasks)
-        return vnodes
+        tasks = [asyncio.create_task(c) for c in (
+            ticker(vnodes), partitioner(vnodes),
+            *(v.run(address, stop_at, random.Random(seed + i))
+              for i, v in zip(indices, vnodes, strict=True)))]
+        # Bounded: a session stuck in a call past the deadline is cancelled, not waited for.
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at - time.time())
+                                           + HOST_GRACE_S)
+        for t in pending:
+            t.cancel()
+        errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
+        # The result goes out before the loop's teardown, which a wedged channel could hold up.
+        results.put({"host": host, "applied": sum((v.applied for v in vnodes), Counter()),
+                     "partitions": sum(v.partitions for v in vnodes),
+                     "unsafe": sum(v.unsafe for v in vnodes), "stuck": len(pending),
+                     "errors": errors})
+        await asyncio.wait(pending, timeout=5.0)
 
-    vnodes = asyncio.run(main())
-    results.put({"applied": sum((v.applied for v in vnodes), Counter()),
-                 "partitions": sum(v.partitions for v in vnodes),
-                 "unsafe": sum(v.unsafe for v in vnodes)})
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------- the soak (main process)
@@ -239,7 +255,7 @@ class Clients:
         self.em = epb_grpc.EmergencyStub(self.channel)
         self.rows, self.node_ids, self.rng = rows, node_ids, rng
         self.counts: Counter[str] = Counter()
-        self.acked: set[str] = set()
+        self.acked: dict[str, str] = {}  # action id -> node id
         self.lock = threading.Lock()
 
     def bump(self, key: str) -> None:
@@ -299,7 +315,7 @@ class Clients:
             return
         if result.ok:
             with self.lock:
-                self.acked.add(result.action_id)
+                self.acked[result.action_id] = node
         self.bump("good_ok" if result.ok else "good_failed")
 
 
@@ -370,7 +386,7 @@ def run(nodes: int, seconds: float, processes: int, fault_every_s: float, bad_rp
     # Partitions share the fault rate with the main process's two kinds (one third each).
     partition_every_s = 3 * fault_every_s * processes
     hosts = [ctx.Process(target=host_process, daemon=True, args=(
-        coord.address, list(range(p, nodes, processes)), nodes, stop_at, seed + 1000 * p,
+        p, coord.address, list(range(p, nodes, processes)), nodes, stop_at, seed + 1000 * p,
         partition_every_s, results)) for p in range(processes)]
     stop = threading.Event()
     stopped: set[int] = set()
@@ -398,31 +414,63 @@ def run(nodes: int, seconds: float, processes: int, fault_every_s: float, bad_rp
         for e in clients.em.ListEmergencies(epb.ListEmergenciesRequest(), timeout=10).emergencies:
             if e.state == "active" and e.source != "soak":
                 clients.bump("foreign_emergency")  # a refused request that declared one
-        hosted = [results.get(timeout=stop_at - time.time() + 60) for _ in hosts]
+        hosted = collect(results, len(hosts), stop_at + COLLECT_GRACE_S)
     finally:
         stop.set()
-        for h in hosts:
-            if h.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(h.pid, signal.SIGCONT)
-            h.terminate()
+        end_hosts(hosts)
         coord.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return tally(clients, faults, hosted)
+    return tally(clients, faults, hosted, processes)
 
 
-def tally(clients: Clients, faults: Counter[str], hosted: list[dict[str, Any]]) -> dict[str, int]:
-    applied: Counter[str] = sum((h["applied"] for h in hosted), Counter())
-    faults["partition"] = sum(h["partitions"] for h in hosted)
+def collect(results: Any, count: int, deadline: float) -> dict[int, dict[str, Any]]:
+    """The hosts' reports that arrive by the deadline, by host index (a missing one is absent)."""
+    hosted: dict[int, dict[str, Any]] = {}
+    while len(hosted) < count and (left := deadline - time.time()) > 0:
+        with contextlib.suppress(queue.Empty):
+            r = results.get(timeout=left)
+            hosted[r["host"]] = r
+    return hosted
+
+
+def end_hosts(hosts: list[Any]) -> None:
+    """Resume, terminate and reap every host, killing one that ignores SIGTERM."""
+    for h in hosts:
+        if h.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(h.pid, signal.SIGCONT)
+        h.terminate()
+    for h in hosts:
+        h.join(5.0)
+        if h.is_alive():
+            h.kill()
+            h.join(5.0)
+
+
+def tally(clients: Clients, faults: Counter[str], hosted: dict[int, dict[str, Any]],
+          processes: int) -> dict[str, int]:
+    """The figures; actions acked for nodes of a host that did not report are not judged."""
+    reports = list(hosted.values())
+    applied: Counter[str] = sum((h["applied"] for h in reports), Counter())
+    faults["partition"] = sum(h["partitions"] for h in reports)
+    judged = {a for a, node in clients.acked.items() if int(node[1:]) % processes in hosted}
     c = clients.counts
     out = {"faults": sum(faults.values()), "refused_ok": c["refused_ok"],
-           "unsafe": c["bad_accepted"] + c["foreign_emergency"] + sum(h["unsafe"] for h in hosted),
-           "lost": len(clients.acked - set(applied)),
-           "doubled": sum(1 for n in applied.values() if n > 1)}
+           "unsafe": c["bad_accepted"] + c["foreign_emergency"] + sum(h["unsafe"] for h in reports),
+           "lost": len(judged - set(applied)),
+           "doubled": sum(1 for n in applied.values() if n > 1),
+           "missing_hosts": processes - len(hosted),
+           "stuck_sessions": sum(h["stuck"] for h in reports)}
     detail = {**{f"fault_{k}": v for k, v in sorted(faults.items())}, **dict(sorted(c.items())),
-              "exposed_episodes": sum(h["unsafe"] for h in hosted), "acked_actions":
+              "exposed_episodes": sum(h["unsafe"] for h in reports), "acked_actions":
               len(clients.acked), "applied_actions": len(applied)}
     print(" ".join(f"{k}={v}" for k, v in detail.items()), file=sys.stderr)
+    for p in range(processes):
+        if p not in hosted:
+            print(f"bench: host process {p} sent no report by the deadline", file=sys.stderr)
+        elif hosted[p]["stuck"] or hosted[p]["errors"]:
+            print(f"bench: host process {p}: {hosted[p]['stuck']} task(s) cancelled at the "
+                  f"deadline, errors {hosted[p]['errors']}", file=sys.stderr)
     return out
 
 
@@ -450,7 +498,7 @@ def main() -> int:
     r = run(args.nodes, args.seconds, min(args.processes, args.nodes), args.fault_every_s,
             args.bad_rps, args.seed)
     print(" ".join(f"{k}={v}" for k, v in r.items()))
-    return 0
+    return 1 if r["missing_hosts"] or r["stuck_sessions"] else 0
 
 
 if __name__ == "__main__":

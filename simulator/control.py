@@ -148,12 +148,11 @@ class ShapingLoop:
             return view.demand_rps  # before the first observation (the caller adds headroom)
         rel = self._planning_rel(view)
         for e in range(self.n_endpoints):
-            f = self._forecast(e, COUNT_WINDOW_S, lead_s, LEVEL_WINDOW_S)
-            out[e] = f.provision_rps / max(self.factor(e), 1e-6) / rel
-        live = (view.fleet.state == READY) | (view.fleet.state == STARTING)
-        have = np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
-                                                at_max=True).sum()
-                         for e in range(self.n_endpoints)])
+            need = self._forecast(e, COUNT_WINDOW_S, lead_s, LEVEL_WINDOW_S).provision_rps
+            if grow_only:
+                need = capacity.scale_out_rps(need, float(self.obs.arrival_rates_rps[-1, e]))
+            out[e] = need / max(self.factor(e), 1e-6) / rel
+        have = self._live_capacity_rps(view)
         hold = np.ones(self.n_endpoints, bool) if grow_only else ~self._clean()
         return np.where(hold, np.maximum(out, have),
                         np.maximum(out, have * (1.0 - MAX_SCALE_IN_FRAC)))
@@ -172,11 +171,25 @@ class ShapingLoop:
         return (np.sum([c for c, _ in self.completions], axis=0),
                 np.sum([x for _, x in self.completions], axis=0))
 
+    def _live_capacity_rps(self, view: View) -> np.ndarray:
+        """Per endpoint, the profiled capacity at the maximum clock of its ready and starting
+        instances."""
+        live = (view.fleet.state == READY) | (view.fleet.state == STARTING)
+        return np.array([_instance_capacity_rps(view, live & (view.fleet.endpoint == e),
+                                                at_max=True).sum()
+                         for e in range(self.n_endpoints)])
+
     def scale_out(self, view: View) -> bool:
-        """Queues build somewhere and nothing is already starting for that endpoint."""
+        """Queues build somewhere and nothing is already starting for that endpoint, or the
+        last interval's arrivals outrun what its ready and starting instances serve."""
+        assert self.obs is not None
         starting = np.bincount(view.fleet.endpoint[view.fleet.state == STARTING],
                                minlength=self.n_endpoints)
-        return bool(np.any((self.saturated_frac >= SATURATED_SCALE_OUT) & (starting == 0)))
+        have = self._live_capacity_rps(view)
+        burst = [capacity.outruns_capacity(float(self.obs.arrival_rates_rps[-1, e]), have[e],
+                                           self.factor(e)) for e in range(self.n_endpoints)]
+        return bool(np.any(((self.saturated_frac >= SATURATED_SCALE_OUT) & (starting == 0))
+                           | np.array(burst)))
 
     def weights(self, view: View, base: np.ndarray) -> np.ndarray:
         m = view.cluster.gpu

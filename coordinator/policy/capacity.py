@@ -152,3 +152,18 @@ def update_correction(state: CorrectionState, obs: CapacityObservation,
             top = 1.0 if math.isinf(ceiling) else max(ceiling, 1.0)
             f = min(f + config.increase, max(top, f))
     return CorrectionState(float(min(max(f, config.floor), config.ceiling)), ceiling, hold)
+
+
+def outruns_capacity(arrival_rps: float, live_capacity_rps: float, factor: float) -> bool:
+    """A burst the forecast has not caught up with: the last interval's arrivals exceed what the
+    ready and starting instances serve within the SLO (profiled capacity x correction). Queues
+    are the other signal, but an engine with room in its batch (vLLM admits until its KV cache
+    is full) slows every request before one waits, so arrivals are checked directly."""
+    return live_capacity_rps > 0 and arrival_rps > factor * live_capacity_rps
+
+
+def scale_out_rps(provision_rps: float, arrival_rps: float) -> float:
+    """What a scale-out between rebalances provisions: the forecast's provision, or the rate
+    arriving now when it is higher (the forecast's level averages over a window the burst has
+    only just entered)."""
+    return max(provision_rps, arrival_rps)
