@@ -76,11 +76,11 @@ from shapectl.commands.demo import UpsScript, demo_topology, start_cluster
 from shapectl.commands.emergency import status_json as emergency_json
 from shapeshifter.api.v1 import coordinator_pb2 as cpb
 from shapeshifter.common.errors import NotFound
+from simulator.control.policies import SHED_MARGIN, Components, ComposedPolicy
 from simulator.engine import Engine
-from simulator.policies import SHED_MARGIN, Components, ComposedPolicy
-from simulator.scenario import Scenario
-from simulator.service import fit_service
-from simulator.trace import Trace, default_trace_path, load_trace
+from simulator.inputs.scenario import Scenario
+from simulator.inputs.trace import Trace, default_trace_path, load_trace
+from simulator.model.service import fit_service
 
 GPU_TYPE = "h100-80gb"
 ROW_LIMIT_FRAC = 1.05  # row feed / the row's draw at full load: fits; 75 % of it does not

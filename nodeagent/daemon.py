@@ -1,23 +1,44 @@
-"""The nodeagent entry point: config -> logging -> backend -> journal/actuator (reapply) ->
-sampler -> gRPC server -> metrics -> READY; on SIGTERM/SIGINT: STOPPING, stop serving, restore
-the saved defaults, exit 0.
+"""The nodeagent entry point: config -> logging -> state-dir lock -> backend -> journal/actuator
+(reapply) -> sampler -> gRPC server -> metrics -> READY; on SIGTERM/SIGINT: STOPPING, stop
+serving, exit 0, leaving the GPUs as they are.
+
+Stop versus hand-back (issue 19). A stop or restart (SIGTERM, `systemctl restart`, a crash, a
+watchdog kill) never touches the GPUs: power caps, locked clocks and the MIG layout stay in force
+while the engines (which outlive the agent) keep serving, the journal keeps every request, and
+the next agent re-applies them before it reports READY. Restoring on every exit would uncap
+serving engines on each restart and fail on MIG in use.
+
+Hand-back is explicit: `nodeagent --release` (same --config/--state-dir), run while the agent is
+stopped, puts every GPU back as found at the agent's first start (power limit, clocks, MIG mode
+and layout) and empties the journal's requests. It changes nothing and exits 3 while the agent
+runs (it holds STATE_DIR/nodeagent.lock), while a managed engine is alive or while any GPU has
+compute processes: stop the engines first (StopInstance), or run the agent once with
+engines.stop_on_exit: true. Exit 0: handed back; 1: a restore failed (the journal keeps what was
+not undone; rerun); 2: bad config, or restore_on_exit: false.
+
+restore_on_exit (kept for old configs; default true) now means "a hand-back restores the
+defaults". false: the agent never restores them; --release refuses (exit 2) and the GPUs keep
+the agent's last settings (for sites where something else owns the GPUs' defaults).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 
 from nodeagent.actuation.actuator import Actuator
 from nodeagent.actuation.journal import Journal, JournalError
 from nodeagent.actuation.power import check_failsafe_w, failsafe_ceilings_w
-from nodeagent.config import AgentConfig, ConfigError, load_config
+from nodeagent.config import AgentConfig, ConfigError, build_arg_parser, load_config
 from nodeagent.device.backend import GpuBackend
 from nodeagent.rpc.link import CoordinatorLink, LinkSettings
 from nodeagent.rpc.server import AgentServer, NodeAgentServicer
@@ -36,6 +57,35 @@ from shapeshifter.common.sdnotify import Notifier
 
 class StartupError(Exception):
     """The agent cannot start; the message says why."""
+
+
+class StateDirBusy(StartupError):
+    """Another nodeagent process (an agent or a --release) holds the state directory."""
+
+
+LOCK_FILE = "nodeagent.lock"
+EXIT_RELEASE_REFUSED = 3  # --release: agent running, engines alive or GPUs in use; nothing changed
+
+
+def hold_state_dir(state_dir: Path) -> IO[str]:
+    """An exclusive lock on STATE_DIR/nodeagent.lock, held while the returned file stays open
+    (the kernel drops it when the process dies, kill -9 included). Holds this process's pid."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise StateDirBusy(
+            f"state dir {state_dir} is in use by another nodeagent (pid {holder})"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def make_backend(cfg: AgentConfig, clock: Clock) -> GpuBackend:
@@ -99,7 +149,8 @@ class Agent:
     engines: Any = None  # nodeagent.engines.wiring.Engines when cfg.engines.enabled
 
     def shutdown(self) -> bool:
-        """Stop serving, restore defaults (unless configured not to). True when all went well."""
+        """Stop serving; the GPUs keep every setting (journaled: the next agent re-applies it).
+        Defaults come back only at a hand-back (`nodeagent --release`, module docstring)."""
         self.notifier.stopping()
         if self.link is not None:
             self.link.stop()
@@ -107,12 +158,11 @@ class Agent:
         if self.engines is not None:  # engines keep running (re-adopted) unless stop_on_exit
             self.engines.close()
         self.sampler.stop()
-        failures = self.actuator.restore_defaults() if self.cfg.restore_on_exit else []
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.backend.close()
-        self.log.info("stopped", restored=self.cfg.restore_on_exit, restore_failures=len(failures))
-        return not failures
+        self.log.info("stopped", gpu_settings="kept", handback="nodeagent --release")
+        return True
 
 
 def build_agent(cfg: AgentConfig, clock: Clock, log: Any) -> Agent:
@@ -238,6 +288,65 @@ def install_signal_handlers() -> threading.Event:
     return stop
 
 
+def running_engines(state_dir: Path) -> list[str]:
+    """'ID (pid N)' of each journaled engine whose process still runs (same pid, start time and
+    command line: a recycled pid does not count)."""
+    from nodeagent.engines.journal import read_json
+    from nodeagent.engines.manager import JOURNAL_FILE
+    from nodeagent.engines.runner import ProcessRunner
+
+    runner = ProcessRunner()
+    entries = read_json(state_dir / JOURNAL_FILE) or {}
+    return [
+        f"{iid} (pid {e['pid']})"
+        for iid, e in sorted(entries.items())
+        if runner.adopt(int(e["pid"]), float(e["create_time"]), e["command"]) is not None
+    ]
+
+
+def release(cfg: AgentConfig, clock: Clock, log: Any) -> int:
+    """Hand the node back: restore every GPU's first-start defaults (module docstring)."""
+    if not cfg.restore_on_exit:
+        return _refuse(2, "restore_on_exit is false: this agent never restores the GPUs' "
+                          "defaults; set restore_on_exit: true to hand the node back")
+    try:
+        lock = hold_state_dir(cfg.state_dir)
+    except StateDirBusy as err:
+        return _refuse(EXIT_RELEASE_REFUSED, f"{err}: stop it first (systemctl stop nodeagent)")
+    with lock:
+        engines = running_engines(cfg.state_dir)
+        if engines:
+            return _refuse(EXIT_RELEASE_REFUSED, f"engines still serving: {', '.join(engines)}; "
+                           "stop them first (StopInstance, or engines.stop_on_exit: true)")
+        try:
+            backend = make_backend(cfg, clock)
+        except DomainError as err:
+            return _refuse(1, f"backend {cfg.backend} unavailable: {err}")
+        try:
+            return _restore_idle_gpus(backend, Journal.open(cfg.state_dir), clock, log)
+        finally:
+            backend.close()
+
+
+def _restore_idle_gpus(backend: GpuBackend, journal: Journal, clock: Clock, log: Any) -> int:
+    actuator = Actuator(backend, journal, clock, log)
+    busy = {i: list(p) for i in actuator.gpu_indices if (p := backend.telemetry(i).process_pids)}
+    if busy:
+        return _refuse(EXIT_RELEASE_REFUSED, f"GPUs in use (gpu: compute pids): {busy}")
+    actuator.capture_defaults()  # a GPU swapped since the first start: its own defaults
+    failures = actuator.restore_defaults()
+    if failures:
+        return _refuse(1, "restore failed: " + "; ".join(str(f) for f in failures))
+    log.info("handed back", gpus=len(actuator.gpu_indices))
+    print(f"nodeagent: handed back: {len(actuator.gpu_indices)} GPUs at their defaults")
+    return 0
+
+
+def _refuse(code: int, message: str) -> int:
+    print(f"nodeagent --release: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
@@ -247,8 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(cfg.log_level)
     log = get_logger("nodeagent")
     clock = SystemClock()
+    if build_arg_parser().parse_args(argv).release:
+        try:
+            return release(cfg, clock, log)
+        except (JournalError, DomainError, OSError) as err:
+            return _refuse(1, str(err))
     stop = install_signal_handlers()
     try:
+        lock = hold_state_dir(cfg.state_dir)  # noqa: F841 - held until the process exits
         agent = build_agent(cfg, clock, log)
         start_agent(agent)
     except (StartupError, JournalError, DomainError, OSError, RuntimeError) as err:

@@ -15,11 +15,12 @@ import sys
 import numpy as np
 
 from shapeshifter.hw import physics
-from simulator import shapes
-from simulator.engine import FAN_GRID, Engine
-from simulator.policies import make_policy
-from simulator.scenario import load_scenario
-from simulator.trace import load_trace
+from simulator.control.policies import make_policy
+from simulator.engine import Engine
+from simulator.inputs.scenario import load_scenario
+from simulator.inputs.trace import load_trace
+from simulator.model import shapes
+from simulator.model.plant import FAN_GRID
 
 
 def over_share(e: Engine, saas_gpu_w: float) -> tuple[float, float, float]:

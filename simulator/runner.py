@@ -8,12 +8,12 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from simulator.control.policies import policy_sources
 from simulator.engine import simulate
-from simulator.metrics import Metrics
-from simulator.policies import policy_sources
-from simulator.report import write_outputs
-from simulator.scenario import Scenario
-from simulator.trace import Trace
+from simulator.inputs.scenario import Scenario
+from simulator.inputs.trace import Trace
+from simulator.reporting.metrics import Metrics
+from simulator.reporting.report import write_outputs
 
 
 def run_scenario(scenario: Scenario, trace: Trace, trace_name: str, out: Path,

@@ -46,6 +46,7 @@ class Actuator:
         instance_runner: InstanceActionRunner | None = None,
     ) -> None:
         self._journal = journal
+        self._backend = backend
         self._gpus = ManagedGpus(backend, log)
         self._power = PowerControl(backend, journal, self._gpus, log)
         self._clocks = ClockControl(backend, journal, self._gpus, log)
@@ -101,6 +102,14 @@ class Actuator:
 
     def reapply_journal(self) -> list[DomainError]:
         return self._defaults.reapply_journal()
+
+    def after_gpu_reset(self, index: int) -> list[DomainError]:
+        """GPU `index` was reset (nvidia-smi -r, the reset that activates a pending MIG mode, a
+        driver reload): the reset cleared its power limit, locked clocks and MIG instances.
+        Tell the backend (sticky Xid, caches), then re-apply the journal for that GPU."""
+        self._gpus.check(index)
+        self._backend.gpu_was_reset(index)
+        return self._defaults.reapply_gpu(index)
 
     def restore_defaults(self) -> list[DomainError]:
         return self._defaults.restore_defaults()

@@ -52,14 +52,19 @@ class DefaultsKeeper:
     def reapply_journal(self) -> list[DomainError]:
         """Re-apply journaled requests (the driver forgets limits on reload/reboot). Runs once at
         start, before anything else can call the actuator."""
+        return [err for index in self._gpus.indices for err in self.reapply_gpu(index)]
+
+    def reapply_gpu(self, index: int) -> list[DomainError]:
+        """Re-apply GPU `index`'s journaled requests: MIG mode and layout, clock lock, power
+        limit (with its ceilings). Each step is tried; the failures are returned."""
+        self._gpus.check(index)
         failures: list[DomainError] = []
-        for index in self._gpus.indices:
-            for step in self._reapply_steps(index):
-                try:
-                    step()
-                except DomainError as err:
-                    self._log.error("reapply failed", gpu=index, error=str(err))
-                    failures.append(err)
+        for step in self._reapply_steps(index):
+            try:
+                step()
+            except DomainError as err:
+                self._log.error("reapply failed", gpu=index, error=str(err))
+                failures.append(err)
         return failures
 
     def _reapply_steps(self, index: int) -> list[Callable[[], bool]]:

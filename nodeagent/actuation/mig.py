@@ -1,5 +1,9 @@
 """MIG mode and layout changes: validated before any write, refused while the GPU is in use,
-journaled after each write; mig-parted files (which span GPUs) one at a time."""
+journaled after each write; mig-parted files (which span GPUs) one at a time.
+
+A mode change the device holds pending until a GPU reset (A100) raises ResetRequired: the request
+is journaled (the device accepted it), but nothing reports it as done, and a layout is refused
+with that reason until the reset (Actuator.after_gpu_reset then re-applies the journal)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 from nodeagent.actuation.gpus import ManagedGpus
 from nodeagent.actuation.journal import GpuDefaults, Journal
 from nodeagent.device.backend import GpuBackend
-from shapeshifter.common.errors import FailedPrecondition, InUse, NotSupported
+from shapeshifter.common.errors import FailedPrecondition, InUse, NotSupported, ResetRequired
 from shapeshifter.hw.mig import parse_mig_parted, place_mig_layout
 
 
@@ -38,10 +42,16 @@ class MigControl:
         self._gpus.check(index)
         self._check_supported(index)
         with self._gpus.locked(index):
-            if self._backend.mig_state(index).pending_enabled == enabled:
+            state = self._backend.mig_state(index)
+            if (state.enabled, state.pending_enabled) == (enabled, enabled):
                 return False
+            # Pending (waiting for a reset) is asked again: the driver retries the activation.
             self.check_idle(index)
-            self._gpus.write(index, "set_mig_mode", self._backend.set_mig_mode, enabled)
+            try:
+                self._gpus.write(index, "set_mig_mode", self._backend.set_mig_mode, enabled)
+            except ResetRequired:
+                self._journal.update_requested(index, mig_enabled=enabled)  # accepted, pending
+                raise
             self._journal.update_requested(index, mig_enabled=enabled)
         self._log.info("mig mode set", gpu=index, enabled=enabled)
         return True
@@ -84,9 +94,13 @@ class MigControl:
         apply_layout = self._backend.apply_mig_layout
         if state.enabled and layout_differs:  # instances must go before the mode can change
             self._gpus.write(index, "apply_mig_layout", apply_layout, [])
-        if state.pending_enabled != defaults.mig_enabled:
+        if (state.enabled, state.pending_enabled) != (defaults.mig_enabled,) * 2:
             mode = defaults.mig_enabled
-            self._gpus.write(index, "set_mig_mode", self._backend.set_mig_mode, mode)
+            try:
+                self._gpus.write(index, "set_mig_mode", self._backend.set_mig_mode, mode)
+            except ResetRequired:  # the original mode returns with the next reset or reboot
+                self._log.warning("mig mode restore pending a gpu reset", gpu=index, enabled=mode)
+                return
         if defaults.mig_enabled and layout_differs and defaults.mig_profiles:
             self._gpus.write(index, "apply_mig_layout", apply_layout, list(defaults.mig_profiles))
 
@@ -102,6 +116,12 @@ class MigControl:
 
     def _apply_layout_held(self, index: int, profiles: tuple[str, ...]) -> bool:
         state = self._backend.mig_state(index)
+        if not state.enabled and state.pending_enabled:
+            raise ResetRequired(
+                f"gpu_index={index}: MIG mode on is pending a GPU reset (nvidia-smi -r -i "
+                f"{index}, with no processes on it) or a reboot; apply the layout after it",
+                field="gpu_index",
+            )
         if not state.enabled:
             raise FailedPrecondition(
                 f"gpu_index={index}: MIG mode is disabled; enable it first (SetMigMode)",

@@ -153,6 +153,7 @@ class SimulatedBackend:
                 memory_total_mib=self._model.memory_total_mib,
                 throttle_reasons=op.throttle_reasons,
                 process_pids=g.pids,
+                enforced_power_limit_w=g.power_limit_w,  # no BMC or other tool caps a sim GPU
             )
 
     def mig_state(self, index: int) -> MigState:
@@ -160,6 +161,12 @@ class SimulatedBackend:
             g = self._gpu(index)
             return MigState(enabled=g.mig_enabled, pending_enabled=g.mig_enabled,
                             instances=g.mig_instances)
+
+    def compute_pids(self, index: int) -> frozenset[int]:
+        """The sim has no real compute contexts: the pids registered with set_processes (by
+        tests or the engine bridge), which span the GPU and its MIG instances alike."""
+        with self._lock:
+            return frozenset(self._gpu(index).pids)
 
     def relative_throughput(self, index: int) -> float:
         """Throughput now relative to the same load at the unconstrained max clock."""
@@ -236,6 +243,11 @@ class SimulatedBackend:
                 for i, pl in enumerate(placements))
             return list(g.mig_instances)
 
+    def gpu_was_reset(self, index: int) -> None:
+        """Nothing cached or sticky to forget (reset_gpu models the reset itself)."""
+        with self._lock:
+            self._gpu(index)
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -264,7 +276,21 @@ class SimulatedBackend:
             self._advance()
             self._inlet_c = float(inlet_temp_c)
 
+    def reset_gpu(self, index: int) -> None:
+        """A GPU reset (nvidia-smi -r), for tests and demos: refused while processes run; it
+        drops the power limit to the default, unlocks clocks and destroys MIG instances."""
+        with self._lock:
+            g = self._gpu(index)
+            if g.pids:
+                raise InUse(f"gpu {index}: cannot reset while processes {list(g.pids)} run on it",
+                            field="index")
+            self._advance()
+            g.power_limit_w = self._model.power.default_w
+            g.locked_mhz = None
+            g.mig_instances = ()
+
     def set_processes(self, index: int, pids: list[int] | tuple[int, ...]) -> None:
+        """Register the processes "running" on GPU `index` (telemetry and compute_pids)."""
         with self._lock:
             self._gpu(index).pids = tuple(pids)
 

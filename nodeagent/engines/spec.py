@@ -26,8 +26,13 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 RESERVED_FLAGS = frozenset({
     "--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size",
     "--quantization", "--dtype", "--max-num-seqs", "--max-model-len",
-    "--gpu-memory-utilization", "--shutdown-timeout",
+    "--gpu-memory-utilization", "--shutdown-timeout", "--enable-sleep-mode",
 })  # fmt: skip
+# Variables the agent sets for every engine (command.build_env); a spec may not override them.
+AGENT_ENV = {
+    "CUDA_VISIBLE_DEVICES": "set from devices",
+    "CUDA_DEVICE_ORDER": "set by the agent (PCI_BUS_ID: CUDA indices match NVML's)",
+}
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default when the spec leaves max_num_seqs at 0
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -55,6 +60,7 @@ class InstanceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     priority_class: str = "saas"
     drain_timeout_s: float = 30.0
+    enable_sleep_mode: bool = False  # vLLM --enable-sleep-mode: a pre-staged standby engine
 
     @property
     def effective_max_num_seqs(self) -> int:
@@ -190,6 +196,15 @@ def _check_devices(
         )
     if len({d.startswith(_MIG_PREFIX) for d in spec.devices}) > 1:
         raise InvalidArgument("devices mixes whole GPUs and MIG devices", field="devices")
+    if spec.uses_mig and len(spec.devices) > 1:
+        # CUDA enumerates one MIG device per process: tensor parallelism across slices cannot
+        # work, and the engine is run with its one slice as its only visible device.
+        raise InvalidArgument(
+            f"devices lists {len(spec.devices)} MIG devices; an instance may use at most one "
+            "(CUDA enumerates a single MIG device per process, so no tensor parallelism across "
+            "MIG slices)",
+            field="devices",
+        )
     for device in spec.devices:
         gpu = inventory.gpu_of(device)
         if not spec.uses_mig and inventory.mig_enabled_by_gpu[gpu]:
@@ -239,5 +254,5 @@ def _check_env(env: Mapping[str, str]) -> None:
     for key in env:
         if not _ENV_RE.match(key):
             raise InvalidArgument(f"env: {key!r} is not a valid variable name", field="env")
-        if key == "CUDA_VISIBLE_DEVICES":
-            raise InvalidArgument("env: CUDA_VISIBLE_DEVICES is set from devices", field="env")
+        if key in AGENT_ENV:
+            raise InvalidArgument(f"env: {key} is {AGENT_ENV[key]}", field="env")

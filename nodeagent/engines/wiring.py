@@ -9,10 +9,10 @@ from typing import Any
 
 import structlog
 
-from nodeagent.engines.command import default_launcher
-from nodeagent.engines.manager import EngineSettings, InstanceManager
+from nodeagent.engines.command import ENGINE_FLAGS, default_launcher
+from nodeagent.engines.manager import EngineSettings, InstanceManager, MigSlice
 from nodeagent.engines.mig_repartition import MigRepartitioner
-from nodeagent.engines.runner import ProcessRunner
+from nodeagent.engines.runner import EngineUser, ProcessRunner
 from nodeagent.engines.service import InstanceService
 from nodeagent.engines.sim_bridge import apply_engine_loads
 from nodeagent.engines.spec import inventory_from_backend
@@ -28,6 +28,7 @@ def settings_from_config(cfg: Any) -> EngineSettings:
     e = cfg.engines
     return EngineSettings(
         launcher=tuple(e.launcher) or default_launcher(e.python),
+        host=e.host,
         state_dir=cfg.state_dir,
         log_dir=e.log_dir or cfg.state_dir / "engine-logs",
         base_env={**os.environ, **e.env},
@@ -43,6 +44,14 @@ def settings_from_config(cfg: Any) -> EngineSettings:
         log_max_bytes=e.log_max_bytes,
         log_backups=e.log_backups,
     )
+
+
+def mig_slices_from_backend(backend: Any) -> dict[str, MigSlice]:
+    """Each MIG device's GPU, profile and placement, by UUID (what a reboot keeps)."""
+    return {
+        m.uuid: MigSlice(d.index, m.profile, m.placement_start)
+        for d in backend.devices() for m in backend.mig_state(d.index).instances
+    }  # fmt: skip
 
 
 class Engines:
@@ -68,8 +77,12 @@ class Engines:
             on_loads()
 
         settings = settings_from_config(cfg)
-        self.manager = InstanceManager(settings, ProcessRunner(),
-                                       lambda: inventory_from_backend(backend), on_tick=on_tick)
+        user = EngineUser.resolve(cfg.engines.engine_user) if cfg.engines.engine_user else None
+        self._launcher, self._base_env = settings.launcher, settings.base_env
+        self.manager = InstanceManager(settings, ProcessRunner(engine_user=user),
+                                       lambda: inventory_from_backend(backend), on_tick=on_tick,
+                                       compute_pids=backend.compute_pids,
+                                       mig_slices=lambda: mig_slices_from_backend(backend))
         self.service = InstanceService(self.manager)
         self.repartitioner = MigRepartitioner(self.manager, backend, settings.state_dir,
                                               apply_layout=apply_layout,
@@ -78,6 +91,10 @@ class Engines:
     def start(self) -> None:
         """Re-adopt journaled engines, resume an interrupted MIG repartition (in the
         background: it may wait minutes for engines), start monitoring."""
+        # The engine's --help (which flags this vLLM has) takes seconds: probed in the
+        # background now, so the first start does not wait for it.
+        threading.Thread(target=ENGINE_FLAGS.flags, args=(self._launcher, self._base_env),
+                         name="engine-flags", daemon=True).start()
         adopted, relaunched = self.manager.recover()
         log.info("engines_recovered", adopted=adopted, relaunched=relaunched)
         self.manager.start_monitor()

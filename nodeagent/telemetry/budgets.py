@@ -67,7 +67,8 @@ def gpu_budget(
         requests_capacity=load.max_num_seqs,
         utilization_pct=telemetry.utilization_gpu_pct,
         power_draw_w=telemetry.power_draw_w,
-        power_limit_w=telemetry.power_limit_w,
+        # What the GPU may draw: a lower enforced limit (a BMC or another tool's cap) counts.
+        power_limit_w=telemetry.effective_power_limit_w,
         temperature_c=telemetry.temperature_c,
         slowdown_temp_c=thresholds.slowdown_c,
     )
@@ -100,13 +101,15 @@ def _totals(budgets: Sequence[Budget]) -> Budget:
         return Budget(0, 0, -1, 0, 0, 0, 0, 0, 0, 0)
     hottest = min(budgets, key=lambda b: b.slowdown_temp_c - b.temperature_c)
     kv = [b.kv_cache_usage_frac for b in budgets if b.kv_cache_usage_frac >= 0]
+    # -1 = not reported (NVML on MIG-enabled GPUs): average only the GPUs that report.
+    util = [b.utilization_pct for b in budgets if b.utilization_pct >= 0]
     return Budget(
         memory_used_mib=sum(b.memory_used_mib for b in budgets),
         memory_total_mib=sum(b.memory_total_mib for b in budgets),
         kv_cache_usage_frac=sum(kv) / len(kv) if kv else -1.0,
         requests_in_flight=sum(b.requests_in_flight for b in budgets),
         requests_capacity=sum(b.requests_capacity for b in budgets),
-        utilization_pct=sum(b.utilization_pct for b in budgets) / len(budgets),
+        utilization_pct=sum(util) / len(util) if util else -1.0,
         power_draw_w=sum(b.power_draw_w for b in budgets),
         power_limit_w=sum(b.power_limit_w for b in budgets),
         temperature_c=hottest.temperature_c,

@@ -10,7 +10,7 @@ import math
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psutil
@@ -22,7 +22,9 @@ from nodeagent.engines.types import EngineLoad
 from nodeagent.safety.thermal import ThermalGuard
 from nodeagent.telemetry.budgets import Budget, NodeBudget, gpu_budget, node_budget
 from shapeshifter.common.clock import Clock
+from shapeshifter.common.errors import DomainError
 from shapeshifter.hw.types import (
+    GpuHealth,
     GpuIdentity,
     GpuTelemetry,
     MigState,
@@ -163,6 +165,9 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._slow: tuple[HostStats, dict[int, MigState]] | None = None
         self._slow_read_s = 0.0
+        # Per GPU: the last good reading, and the error that made it unreadable (None when fine).
+        self._last_good: dict[int, GpuTelemetry] = {}
+        self._gpu_errors: dict[int, str | None] = {}
         psutil.cpu_percent(interval=None)  # prime: the first call has no reference point
 
     # ---------------------------------------------------------------- reads
@@ -271,11 +276,35 @@ class Sampler:
                 memory_used_mib=(mem.total - mem.available) // 2**20,
                 memory_total_mib=mem.total // 2**20,
             )
-            migs = {
-                s.identity.index: self._backend.mig_state(s.identity.index) for s in self._static
-            }
+            old = self._slow[1] if self._slow is not None else {}
+            migs = {s.identity.index: self._mig_state(s.identity.index, old) for s in self._static}
             self._slow, self._slow_read_s = (host, migs), now_s
         return self._slow
+
+    def _mig_state(self, index: int, previous: dict[int, MigState]) -> MigState:
+        """One GPU's MIG state; a GPU that cannot be read keeps its last one."""
+        try:
+            return self._backend.mig_state(index)
+        except DomainError:
+            return previous.get(index, MigState(enabled=False, pending_enabled=False))
+
+    def _telemetry(self, static: StaticGpuInfo) -> GpuTelemetry:
+        """One GPU's reading, isolated: a GPU the device layer cannot read (lost after Xid 79,
+        NVML GPU_IS_LOST) is reported unhealthy and lost with its last reading, and the others
+        keep sampling. Errors that are not the device's (bugs) still fail the whole sample."""
+        index = static.identity.index
+        try:
+            tel = self._backend.telemetry(index)
+        except DomainError as err:
+            if self._gpu_errors.get(index) != str(err):
+                self._log.error("gpu unreadable", gpu=index, error=str(err))
+            self._gpu_errors[index] = str(err)
+            return _lost(static, self._last_good.get(index), str(err))
+        if self._gpu_errors.get(index) is not None:
+            self._log.info("gpu readable again", gpu=index)
+        self._gpu_errors[index] = None
+        self._last_good[index] = tel
+        return tel
 
     def _collect(self, refresh_slow: bool) -> NodeSnapshot:
         host, migs = self._slow_reads(refresh_slow)
@@ -283,7 +312,7 @@ class Sampler:
         gpus = []
         for static in self._static:
             index = static.identity.index
-            tel = self._backend.telemetry(index)
+            tel = self._telemetry(static)
             gpus.append(
                 GpuSnapshot(
                     static=static,
@@ -306,3 +335,22 @@ class Sampler:
             thermal_ceilings_w=self._guard.ceilings_w if self._guard else {},
             sampled_at_unix_s=self._clock.time(),
         )
+
+
+def _lost(static: StaticGpuInfo, last: GpuTelemetry | None, error: str) -> GpuTelemetry:
+    """The reading of a GPU that does not answer: the last good one (power and memory stay
+    counted, conservatively), or zeros; always unhealthy and lost."""
+    health = GpuHealth(healthy=False, lost=True, error=error,
+                       last_xid=last.health.last_xid if last else 0,
+                       reset_required_xid=last.health.reset_required_xid if last else 0,
+                       ecc_uncorrected_volatile=last.health.ecc_uncorrected_volatile if last else 0)
+    if last is not None:
+        return replace(last, health=health, utilization_gpu_pct=-1.0,
+                       utilization_memory_pct=-1.0, process_pids=())
+    ident = static.identity
+    return GpuTelemetry(
+        index=ident.index, power_draw_w=0.0, power_draw_avg_w=0.0,
+        power_limit_w=static.power.default_w, energy_j=0.0, temperature_c=0.0,
+        memory_temperature_c=None, sm_clock_mhz=0, memory_clock_mhz=0, utilization_gpu_pct=-1.0,
+        utilization_memory_pct=-1.0, memory_used_mib=0, memory_total_mib=ident.memory_total_mib,
+        throttle_reasons=(), health=health)

@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     # Imported here so that other shapectl commands do not pay for numpy and matplotlib.
+    from simulator.inputs.scenario import load_scenario, with_overrides
+    from simulator.inputs.trace import default_trace_path, load_trace
     from simulator.runner import run_scenario
-    from simulator.scenario import load_scenario, with_overrides
-    from simulator.trace import default_trace_path, load_trace
 
     try:
         scenario = with_overrides(load_scenario(args.scenario), servers=args.servers,

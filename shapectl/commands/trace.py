@@ -1,4 +1,5 @@
-"""`shapectl trace synth`: write a synthetic Azure-schema request trace (simulator/synth.py)."""
+"""`shapectl trace synth`: write a synthetic Azure-schema request trace
+(simulator/inputs/synth.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from simulator import synth
+    from simulator.inputs import synth
 
     try:
         spec = synth.spec_from(

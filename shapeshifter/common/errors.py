@@ -53,6 +53,23 @@ class InUse(FailedPrecondition):
     """The device is busy (processes running, instances managed)."""
 
 
+class ResetRequired(FailedPrecondition):
+    """The change is accepted but takes effect only after a GPU reset or a reboot (MIG mode on
+    A100), or the GPU reported an error only a reset clears (Xid 79, 48, ...)."""
+
+
+class InsufficientResources(FailedPrecondition):
+    """The device has no room for the request now (MIG slices or instances taken)."""
+
+
+class GpuLost(Unavailable):
+    """The GPU stopped answering (NVML GPU_IS_LOST, Xid 79): a reset or reboot is needed."""
+
+
+class DeviceTimeout(Unavailable):
+    """The device did not answer in time; retry may help."""
+
+
 class Internal(DomainError):
     """An unexpected failure; never used for bad input."""
 

@@ -64,17 +64,25 @@ def _mig(name: str, slices: int, memory_mib: int, max_count: int, starts: tuple[
                       placement_starts=starts, placement_size=size)
 
 
-def _mig_profiles_80gb(mib: tuple[int, int, int, int]) -> tuple[MigProfile, ...]:
-    """The 80 GB profile set; `mib`: memory of the 1g.10gb, 1g.20gb/2g, 3g/4g and 7g slices."""
+def _mig_profile_set(gb: tuple[int, int, int, int],
+                     mib: tuple[int, int, int, int]) -> tuple[MigProfile, ...]:
+    """The six-profile set every A100/H100/H200 has: `gb` names and `mib` memory of the 1-slot,
+    2-slot, 4-slot and 8-slot memory slices (1g.5gb/1g.10gb/3g.20gb/7g.40gb on A100 40GB)."""
+    g1, g2, g4, g8 = gb
     m1, m2, m4, m8 = mib
     return (
-        _mig("1g.10gb", 1, m1, 7, _STARTS_1G, 1),
-        _mig("1g.20gb", 1, m2, 4, _STARTS_1G_DOUBLE, 2),
-        _mig("2g.20gb", 2, m2, 3, _STARTS_2G, 2),
-        _mig("3g.40gb", 3, m4, 2, _STARTS_3G, 4),
-        _mig("4g.40gb", 4, m4, 1, _STARTS_FULL, 4),
-        _mig("7g.80gb", 7, m8, 1, _STARTS_FULL, 8),
+        _mig(f"1g.{g1}gb", 1, m1, 7, _STARTS_1G, 1),
+        _mig(f"1g.{g2}gb", 1, m2, 4, _STARTS_1G_DOUBLE, 2),
+        _mig(f"2g.{g2}gb", 2, m2, 3, _STARTS_2G, 2),
+        _mig(f"3g.{g4}gb", 3, m4, 2, _STARTS_3G, 4),
+        _mig(f"4g.{g4}gb", 4, m4, 1, _STARTS_FULL, 4),
+        _mig(f"7g.{g8}gb", 7, m8, 1, _STARTS_FULL, 8),
     )
+
+
+def _mig_profiles_80gb(mib: tuple[int, int, int, int]) -> tuple[MigProfile, ...]:
+    """The 80 GB profile set; `mib`: memory of the 1g.10gb, 1g.20gb/2g, 3g/4g and 7g slices."""
+    return _mig_profile_set((10, 20, 40, 80), mib)
 
 
 _A100_POWER = PowerConstraints(min_w=100.0, max_w=400.0, default_w=400.0)
@@ -96,14 +104,7 @@ GPU_MODELS: dict[str, GpuModel] = {
         idle_power_w=55.0,
         dynamic_power_max_w=345.0,
         thermal_c_per_w=0.1,  # 400 W at 25 C inlet -> 65-75 C, as DGX A100 GPUs run
-        mig_profiles=(
-            _mig("1g.5gb", 1, 4864, 7, _STARTS_1G, 1),
-            _mig("1g.10gb", 1, 9856, 4, _STARTS_1G_DOUBLE, 2),
-            _mig("2g.10gb", 2, 9856, 3, _STARTS_2G, 2),
-            _mig("3g.20gb", 3, 19968, 2, _STARTS_3G, 4),
-            _mig("4g.20gb", 4, 19968, 1, _STARTS_FULL, 4),
-            _mig("7g.40gb", 7, 40192, 1, _STARTS_FULL, 8),
-        ),
+        mig_profiles=_mig_profile_set((5, 10, 20, 40), (4864, 9856, 19968, 40192)),
     ),
     "a100-80gb": GpuModel(
         key="a100-80gb",
@@ -148,15 +149,60 @@ def gpu_model(key: str) -> GpuModel:
         raise KeyError(f"unknown GPU type {key!r}; valid: {valid}") from None
 
 
+# Other boards of the same chip configuration, matched by name family and memory when the exact
+# SXM name does not: A100 PCIe ("NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe") has the SXM
+# part's SMs, clocks and MIG geometry (only its power range differs, and that is read from NVML).
+_FAMILIES = (("A100", "a100-40gb"), ("A100", "a100-80gb"))
+
+
+def _slot_share(gb: tuple[int, int, int, int], memory_total_mib: int) -> tuple[MigProfile, ...]:
+    slot_mib = memory_total_mib // 8
+    return _mig_profile_set(gb, (slot_mib, 2 * slot_mib, 4 * slot_mib, 8 * slot_mib))
+
+
+# MIG-capable boards with no GpuModel (different SM counts, memory or power: no simulated
+# physics), with their MIG profiles as NVIDIA's MIG User Guide lists them (`nvidia-smi mig
+# -lgip`). H100 PCIe has the H100 SXM profile table; for H100 NVL (94 GB) and H200 (141 GB)
+# memory is taken as the slice's share of the board (NVML reports exact figures once MIG is on).
+# (name family, memory MiB, profiles); the first family and memory match wins.
+_MIG_ONLY: tuple[tuple[str, int, tuple[MigProfile, ...]], ...] = (
+    ("H100", 81559, GPU_MODELS["h100-80gb"].mig_profiles),
+    ("H100", 95830, _slot_share((12, 24, 47, 94), 95830)),
+    ("H200", 143771, _slot_share((18, 35, 71, 141), 143771)),
+)
+
+
+def _memory_matches(memory_total_mib: int, expected_mib: int) -> bool:
+    """Within 5%: drivers differ in how much memory they reserve."""
+    return abs(memory_total_mib - expected_mib) <= 0.05 * expected_mib
+
+
 def gpu_type_for(driver_name: str, memory_total_mib: int) -> str:
     """The type key for a device as NVML names it ("" when unknown).
 
-    Matches the name first, then disambiguates by memory (within 5%, since drivers differ in
-    how much memory they reserve).
+    Matches the exact name first, then the chip family in the name (PCIe boards), each
+    disambiguated by memory.
     """
+    name = driver_name.strip()
     for model in GPU_MODELS.values():
-        if driver_name.strip() != model.driver_name:
-            continue
-        if abs(memory_total_mib - model.memory_total_mib) <= 0.05 * model.memory_total_mib:
+        if name == model.driver_name and _memory_matches(memory_total_mib,
+                                                         model.memory_total_mib):
             return model.key
+    for family, key in _FAMILIES:
+        if family in name.upper() and _memory_matches(memory_total_mib,
+                                                      GPU_MODELS[key].memory_total_mib):
+            return key
     return ""
+
+
+def mig_profiles_for(driver_name: str, memory_total_mib: int) -> tuple[MigProfile, ...]:
+    """MIG profiles of a board as NVIDIA documents them (used while MIG is off, when NVML does not
+    list them); () when the board is not in the catalog."""
+    key = gpu_type_for(driver_name, memory_total_mib)
+    if key:
+        return GPU_MODELS[key].mig_profiles
+    name = driver_name.upper()
+    for family, memory_mib, profiles in _MIG_ONLY:
+        if family in name and _memory_matches(memory_total_mib, memory_mib):
+            return profiles
+    return ()

@@ -81,8 +81,12 @@ class MigState:
 @dataclass(frozen=True)
 class GpuHealth:
     ecc_uncorrected_volatile: int = 0
-    last_xid: int = 0
+    last_xid: int = 0  # the newest Xid seen
     healthy: bool = True
+    # An Xid that only a GPU reset clears (79, 48, ...); sticky until the reset, 0 when none.
+    reset_required_xid: int = 0
+    lost: bool = False  # the GPU stopped answering (NVML GPU_IS_LOST); the reading is stale
+    error: str = ""  # why the GPU could not be read, when lost
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,15 @@ class GpuTelemetry:
     throttle_reasons: tuple[str, ...]
     health: GpuHealth = field(default_factory=GpuHealth)
     process_pids: tuple[int, ...] = ()
+    # The limit the GPU actually enforces: the lower of ours and any external cap (BMC, another
+    # tool). None where the device does not report it.
+    enforced_power_limit_w: float | None = None
+
+    @property
+    def effective_power_limit_w(self) -> float:
+        """What the GPU may draw: our limit, or a lower enforced (external) one."""
+        enforced = self.enforced_power_limit_w
+        return self.power_limit_w if enforced is None else min(self.power_limit_w, enforced)
 
 
 # Names used in GpuTelemetry.throttle_reasons (NVML clocks-event reasons, snake-cased).

@@ -7,12 +7,13 @@ tested against the real hierarchy. Inject an instance: `NvmlBackend(nvml=FakeNvm
 Rules enforced as the driver does: power limits in mW within the constraints, locked clocks within
 the supported table, NO_PERMISSION for writes when not root, GPU_IS_LOST once a GPU is lost, MIG
 mode changes and instance changes refused while processes run (IN_USE), instances only with MIG
-on, placements only at valid starts and without overlap (INSUFFICIENT_RESOURCES).
+on, placements only at valid starts and without overlap (INSUFFICIENT_RESOURCES), placements by
+pointer only, MIG mode pending until a reset on A100, an external (BMC) power cap enforced below
+the set limit, processes per MIG device. The MIG half is in fake_pynvml_mig.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -21,38 +22,9 @@ from typing import Any
 import pynvml
 
 from shapeshifter.hw.models import GPU_MODELS, GpuModel
-from shapeshifter.hw.types import MigProfile
+from tests.fakes.fake_pynvml_mig import FakeCi, FakeGi, FakeMigDevice, FakeMigMixin, _err
 
 MIB = 1024 * 1024
-# GPU-instance profile enum -> (index into the model's MIG profiles, NVML profile id), as on
-# A100/H100: 1_SLICE=1g.10gb(id 19), 1_SLICE_REV2=1g.20gb(15), 2_SLICE(14), 3_SLICE(9),
-# 4_SLICE(5), 7_SLICE(0). The +me variants are left out.
-_GI_PROFILES = {pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE: (0, 19),
-                pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2: (1, 15),
-                pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE: (2, 14),
-                pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE: (3, 9),
-                pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE: (4, 5),
-                pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE: (5, 0)}
-_CI_SLICES = {pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1,
-              pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
-              pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3,
-              pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
-              pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7}
-
-
-def _err(name: str) -> pynvml.NVMLError:
-    return pynvml.NVMLError(getattr(pynvml, name))
-
-
-@dataclass
-class FakeGi:
-    gi_id: int
-    profile_id: int
-    start: int
-    size: int
-    slices: int
-    memory_mib: int
-    ci_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -60,7 +32,7 @@ class FakeGpu:
     index: int
     model: GpuModel
     power_limit_mw: int
-    demand_mw: int  # what the load would draw; the reading is capped by the limit
+    demand_mw: int  # what the load would draw; the reading is capped by the enforced limit
     temperature_c: int = 40
     memory_temperature_c: int = 45
     energy_mj: int = 1_000_000
@@ -71,39 +43,41 @@ class FakeGpu:
     locked_mhz: tuple[int, int] | None = None
     mig_current: int = pynvml.NVML_DEVICE_MIG_DISABLE
     mig_pending: int = pynvml.NVML_DEVICE_MIG_DISABLE
-    pids: list[int] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # contexts on the whole GPU
+    mig_pids: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (gi, ci) -> pids
     gis: dict[int, FakeGi] = field(default_factory=dict)
     lost: bool = False
+    external_cap_mw: int | None = None  # a BMC / other tool's cap below ours
 
     @property
     def uuid(self) -> str:
         return f"GPU-fake0000-0000-0000-0000-{self.index:012d}"
 
-
-@dataclass(frozen=True)
-class FakeMigDevice:
-    gpu: FakeGpu
-    gi_id: int
-    ci_id: int
+    @property
+    def enforced_mw(self) -> int:
+        cap = self.external_cap_mw
+        return self.power_limit_mw if cap is None else min(self.power_limit_mw, cap)
 
 
-@dataclass(frozen=True)
-class FakeCi:
-    gpu: FakeGpu
-    gi_id: int
-    ci_id: int
+class FakeNvml(FakeMigMixin):
+    """The pynvml module, faked. Test knobs are the attributes without an nvml prefix.
 
-
-class FakeNvml:
-    """The pynvml module, faked. Test knobs are the attributes without an nvml prefix."""
+    `mig_needs_reset` None: as the GPU type does (A100 needs a reset to change MIG mode, H100
+    applies it at once when idle). `name` overrides the driver name (a PCIe or NVL board);
+    `mig_supported` False makes nvmlDeviceGetMigMode answer NOT_SUPPORTED.
+    """
 
     def __init__(self, gpu_type: str = "a100-80gb", n_gpus: int = 8, *, root: bool = True,
-                 init_error: int | None = None, mig_needs_reset: bool = False,
-                 power_average_supported: bool = True) -> None:
+                 init_error: int | None = None, mig_needs_reset: bool | None = None,
+                 power_average_supported: bool = True, name: str | None = None,
+                 mig_supported: bool = True) -> None:
         self.model = GPU_MODELS[gpu_type]
         self.root = root
         self.init_error = init_error
-        self.mig_needs_reset = mig_needs_reset
+        self.mig_needs_reset = gpu_type.startswith("a100") if mig_needs_reset is None \
+            else mig_needs_reset
+        self.name = name or self.model.driver_name
+        self.mig_supported = mig_supported
         self.power_average_supported = power_average_supported
         self.initialized = False
         self.calls: list[str] = []  # names of the write calls made, in order
@@ -127,6 +101,19 @@ class FakeNvml:
     def inject_xid(self, index: int, xid: int) -> None:
         self.events.append((index, xid))
 
+    def reset_gpu(self, index: int) -> None:
+        """nvidia-smi -r: refused while processes run; activates a pending MIG mode and, as a
+        reset does, drops MIG instances, locked clocks and the power limit (back to default)."""
+        gpu = self.gpus[index]
+        if gpu.pids or any(gpu.mig_pids.values()):
+            raise _err("NVML_ERROR_IN_USE")
+        gpu.lost = False
+        gpu.mig_current = gpu.mig_pending
+        gpu.gis.clear()
+        gpu.mig_pids.clear()
+        gpu.locked_mhz = None
+        gpu.power_limit_mw = int(gpu.model.power.default_w * 1000)
+
     # ---- helpers ----
 
     def _gpu(self, handle: Any) -> FakeGpu:
@@ -145,32 +132,6 @@ class FakeNvml:
             raise _err("NVML_ERROR_NO_PERMISSION")
         self.calls.append(call)
         return gpu
-
-    def _profile(self, profile_id: int) -> MigProfile:
-        for slot, pid in _GI_PROFILES.values():
-            if pid == profile_id:
-                return self.model.mig_profiles[slot]
-        raise _err("NVML_ERROR_INVALID_ARGUMENT")
-
-    def _gi_handle(self, gpu: FakeGpu, gi_id: int) -> Any:
-        # Opaque handles that fit pynvml's ctypes arrays: the pointer value encodes GPU and id.
-        return ctypes.cast(ctypes.c_void_p(0x10000 + gpu.index * 256 + gi_id),
-                           pynvml.c_nvmlGpuInstance_t)
-
-    def _gi(self, handle: Any) -> tuple[FakeGpu, FakeGi]:
-        key = ctypes.cast(handle, ctypes.c_void_p).value or 0
-        gpu = self._gpu(self.gpus[(key - 0x10000) // 256])
-        gi = gpu.gis.get((key - 0x10000) % 256)
-        if gi is None:
-            raise _err("NVML_ERROR_INVALID_ARGUMENT")
-        return gpu, gi
-
-    def _mig_devices(self, gpu: FakeGpu) -> list[FakeMigDevice]:
-        return [FakeMigDevice(gpu, gi.gi_id, ci) for gi in sorted(gpu.gis.values(),
-                                                                   key=lambda g: g.gi_id)
-                for ci in gi.ci_ids]
-
-    # ---- init, discovery ----
 
     def nvmlInit(self) -> None:
         if self.init_error is not None:
@@ -191,7 +152,8 @@ class FakeNvml:
         return self._gpu(self.gpus[index])
 
     def nvmlDeviceGetName(self, handle: Any) -> str:
-        return self._gpu(handle).model.driver_name
+        self._gpu(handle)
+        return self.name
 
     def nvmlDeviceGetSerial(self, handle: Any) -> str:
         return f"{1650000000000 + self._gpu(handle).index}"
@@ -214,7 +176,7 @@ class FakeNvml:
 
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
         gpu = self._gpu(handle)
-        return min(gpu.demand_mw, gpu.power_limit_mw)
+        return min(gpu.demand_mw, gpu.enforced_mw)
 
     def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: list[int]) -> Any:
         gpu = self._gpu(handle)
@@ -234,6 +196,9 @@ class FakeNvml:
 
     def nvmlDeviceGetPowerManagementLimit(self, handle: Any) -> int:
         return self._gpu(handle).power_limit_mw
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
+        return self._gpu(handle).enforced_mw
 
     def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Any) -> list[int]:
         p = self._gpu(handle).model.power
@@ -310,7 +275,15 @@ class FakeNvml:
         return SimpleNamespace(gpu=gpu.utilization_pct[0], memory=gpu.utilization_pct[1])
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[SimpleNamespace]:
-        return [SimpleNamespace(pid=p, usedGpuMemory=None) for p in self._gpu(handle).pids]
+        """On a MIG device: its processes. On the GPU: its own, plus (aggregate) every MIG
+        device's only for a privileged caller, as the driver does."""
+        gpu = self._gpu(handle)
+        if isinstance(handle, FakeMigDevice):
+            pids = self._mig_processes(gpu, handle.gi_id, handle.ci_id)
+        else:
+            pids = gpu.pids + ([p for ps in gpu.mig_pids.values() for p in ps] if self.root
+                               else [])
+        return [SimpleNamespace(pid=p, usedGpuMemory=None) for p in pids]
 
     def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter: int) -> int:
         gpu = self._gpu(handle)
@@ -335,157 +308,3 @@ class FakeNvml:
 
     def nvmlEventSetFree(self, event_set: object) -> None:
         return None
-
-    # ---- MIG ----
-
-    def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
-        gpu = self._gpu(handle)
-        return [gpu.mig_current, gpu.mig_pending]
-
-    def nvmlDeviceSetMigMode(self, handle: Any, mode: int) -> int:
-        gpu = self._gpu(handle)
-        if mode not in (pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_DISABLE):
-            raise _err("NVML_ERROR_INVALID_ARGUMENT")
-        if gpu.pids or gpu.gis:
-            raise _err("NVML_ERROR_IN_USE")
-        self._write(handle, "nvmlDeviceSetMigMode")
-        gpu.mig_pending = mode
-        if self.mig_needs_reset:
-            return pynvml.NVML_ERROR_RESET_REQUIRED
-        gpu.mig_current = mode
-        return pynvml.NVML_SUCCESS
-
-    def _require_mig(self, gpu: FakeGpu) -> None:
-        if gpu.mig_current != pynvml.NVML_DEVICE_MIG_ENABLE:
-            raise _err("NVML_ERROR_NOT_SUPPORTED")
-
-    def nvmlDeviceGetGpuInstanceProfileInfo(self, handle: Any, profile: int,
-                                            version: int = 2) -> Any:
-        gpu = self._gpu(handle)
-        self._require_mig(gpu)
-        if profile not in _GI_PROFILES:
-            raise _err("NVML_ERROR_NOT_SUPPORTED")
-        slot, profile_id = _GI_PROFILES[profile]
-        p = gpu.model.mig_profiles[slot]
-        info = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t()
-        info.id, info.sliceCount, info.instanceCount = profile_id, p.slices, p.max_count
-        info.memorySizeMB, info.name = p.memory_mib, f"MIG {p.name}".encode()
-        return info
-
-    def nvmlDeviceGetGpuInstancePossiblePlacements(self, handle: Any, profile_id: int,
-                                                   placements: Any, count_ref: Any) -> int:
-        self._require_mig(self._gpu(handle))
-        p = self._profile(profile_id)
-        if placements is not None:
-            if len(placements) < len(p.placement_starts):
-                raise _err("NVML_ERROR_INSUFFICIENT_SIZE")
-            for i, start in enumerate(p.placement_starts):
-                placements[i].start, placements[i].size = start, p.placement_size
-        count_ref.contents.value = len(p.placement_starts)
-        return pynvml.NVML_SUCCESS
-
-    def nvmlDeviceCreateGpuInstanceWithPlacement(self, handle: Any, profile_id: int,
-                                                 placement: Any) -> Any:
-        gpu = self._gpu(handle)
-        self._require_mig(gpu)
-        p = self._profile(profile_id)
-        if placement.start not in p.placement_starts or placement.size != p.placement_size:
-            raise _err("NVML_ERROR_INVALID_ARGUMENT")
-        taken = {s for gi in gpu.gis.values() for s in range(gi.start, gi.start + gi.size)}
-        same = sum(1 for gi in gpu.gis.values() if gi.profile_id == profile_id)
-        if taken & set(range(placement.start, placement.start + p.placement_size)) \
-                or same >= p.max_count:
-            raise _err("NVML_ERROR_INSUFFICIENT_RESOURCES")
-        self._write(handle, "nvmlDeviceCreateGpuInstanceWithPlacement")
-        gi_id = min(set(range(1, 15)) - set(gpu.gis))
-        gpu.gis[gi_id] = FakeGi(gi_id, profile_id, placement.start, p.placement_size, p.slices,
-                                p.memory_mib)
-        return self._gi_handle(gpu, gi_id)
-
-    def nvmlDeviceGetGpuInstances(self, handle: Any, profile_id: int, handles: Any,
-                                  count_ref: Any) -> int:
-        gpu = self._gpu(handle)
-        self._require_mig(gpu)
-        self._profile(profile_id)
-        matching = [gi for gi in gpu.gis.values() if gi.profile_id == profile_id]
-        if len(matching) > len(handles):
-            raise _err("NVML_ERROR_INSUFFICIENT_SIZE")
-        for i, gi in enumerate(matching):
-            handles[i] = self._gi_handle(gpu, gi.gi_id)
-        count_ref.contents.value = len(matching)
-        return pynvml.NVML_SUCCESS
-
-    def nvmlDeviceGetGpuInstanceById(self, handle: Any, gi_id: int) -> Any:
-        gpu = self._gpu(handle)
-        self._require_mig(gpu)
-        if gi_id not in gpu.gis:
-            raise _err("NVML_ERROR_NOT_FOUND")
-        return self._gi_handle(gpu, gi_id)
-
-    def nvmlGpuInstanceGetInfo(self, gi_handle: Any) -> Any:
-        _, gi = self._gi(gi_handle)
-        info = pynvml.c_nvmlGpuInstanceInfo_t()
-        info.id, info.profileId = gi.gi_id, gi.profile_id
-        info.placement.start, info.placement.size = gi.start, gi.size
-        return info
-
-    def nvmlGpuInstanceDestroy(self, gi_handle: Any) -> int:
-        gpu, gi = self._gi(gi_handle)
-        if gi.ci_ids:
-            raise _err("NVML_ERROR_IN_USE")
-        self._write(gpu, "nvmlGpuInstanceDestroy")
-        del gpu.gis[gi.gi_id]
-        return pynvml.NVML_SUCCESS
-
-    def nvmlGpuInstanceGetComputeInstanceProfileInfo(self, gi_handle: Any, profile: int,
-                                                     eng_profile: int, version: int = 2) -> Any:
-        _, gi = self._gi(gi_handle)
-        slices = _CI_SLICES.get(profile)
-        if slices is None or slices > gi.slices \
-                or eng_profile != pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED:
-            raise _err("NVML_ERROR_NOT_SUPPORTED")
-        info = pynvml.c_nvmlComputeInstanceProfileInfo_v2_t()
-        info.id, info.sliceCount, info.instanceCount = profile, slices, gi.slices // slices
-        return info
-
-    def nvmlGpuInstanceCreateComputeInstance(self, gi_handle: Any, profile_id: int) -> FakeCi:
-        gpu, gi = self._gi(gi_handle)
-        if _CI_SLICES.get(profile_id) != gi.slices:
-            raise _err("NVML_ERROR_NOT_SUPPORTED")  # the fake models full-size CIs only
-        if gi.ci_ids:
-            raise _err("NVML_ERROR_INSUFFICIENT_RESOURCES")
-        self._write(gpu, "nvmlGpuInstanceCreateComputeInstance")
-        gi.ci_ids.append(0)
-        return FakeCi(gpu, gi.gi_id, 0)
-
-    def nvmlGpuInstanceGetComputeInstanceById(self, gi_handle: Any, ci_id: int) -> FakeCi:
-        gpu, gi = self._gi(gi_handle)
-        if ci_id not in gi.ci_ids:
-            raise _err("NVML_ERROR_NOT_FOUND")
-        return FakeCi(gpu, gi.gi_id, ci_id)
-
-    def nvmlComputeInstanceDestroy(self, ci: FakeCi) -> int:
-        gpu = self._gpu(ci)
-        if gpu.pids:
-            raise _err("NVML_ERROR_IN_USE")
-        self._write(gpu, "nvmlComputeInstanceDestroy")
-        gpu.gis[ci.gi_id].ci_ids.remove(ci.ci_id)
-        return pynvml.NVML_SUCCESS
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
-        gpu = self._gpu(handle)
-        return 7 if gpu.mig_current == pynvml.NVML_DEVICE_MIG_ENABLE else 0
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> FakeMigDevice:
-        devices = self._mig_devices(self._gpu(handle))
-        if not 0 <= index < len(devices):
-            raise _err("NVML_ERROR_NOT_FOUND")
-        return devices[index]
-
-    def nvmlDeviceGetGpuInstanceId(self, mig: FakeMigDevice) -> int:
-        self._gpu(mig)
-        return mig.gi_id
-
-    def nvmlDeviceGetComputeInstanceId(self, mig: FakeMigDevice) -> int:
-        self._gpu(mig)
-        return mig.ci_id

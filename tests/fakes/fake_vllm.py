@@ -9,8 +9,13 @@ Knobs (environment): FAKE_VLLM_STARTUP_S (delay before /health is 200), FAKE_VLL
 (per generated token), FAKE_VLLM_DEPRECATED_NAMES=1 (gpu_cache_usage_perc instead of
 kv_cache_usage_perc), FAKE_VLLM_EXIT_AFTER_S (crash with exit code 3 after that long),
 FAKE_VLLM_IGNORE_SIGTERM=1 (a hung engine), FAKE_VLLM_WORKER=1 (a child process in the
-engine's process group, as vLLM's engine core).
+engine's process group, as vLLM's engine core), FAKE_VLLM_VERSION (default 0.18.0; the version
+GET /version and --help report: before 0.18 there is no --shutdown-timeout, and an unknown flag
+exits with status 2, as vLLM's argparse does).
 POST /fake/pin {"running": N, "waiting": M} pins the reported queue (drain-deadline tests).
+Sleep mode as vLLM has it: with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (else 404),
+POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping -> {"is_sleeping": bool}; a sleeping
+engine refuses completions.
 """
 
 from __future__ import annotations
@@ -24,8 +29,25 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, float("inf"))
+DEFAULT_VERSION = "0.18.0"
+SHUTDOWN_TIMEOUT_SINCE = (0, 18)  # the release the fake models --shutdown-timeout arriving in
+
+
+def version() -> str:
+    return os.environ.get("FAKE_VLLM_VERSION", DEFAULT_VERSION)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 class Engine:
@@ -40,6 +62,7 @@ class Engine:
         self.e2e_counts = [0] * len(BUCKETS_S)
         self.e2e_sum_s = 0.0
         self.draining = False
+        self.sleep_level = 0  # 0 = awake
         self.ready_at = time.monotonic() + float(os.environ.get("FAKE_VLLM_STARTUP_S", "0"))
         self.token_delay_s = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY_S", "0.01"))
 
@@ -93,7 +116,8 @@ class Engine:
                 "# TYPE vllm:generation_tokens counter",
                 f"vllm:generation_tokens_total{{{labels}}} {self.generation_tokens}",
                 "# TYPE vllm:engine_sleep_state gauge",
-                f'vllm:engine_sleep_state{{{labels},sleep_state="awake"}} 1.0',
+                f'vllm:engine_sleep_state{{{labels},sleep_state="awake"}} '
+                f'{0.0 if self.sleep_level else 1.0}',
                 "# TYPE vllm:e2e_request_latency_seconds histogram",
             ]
             for le, n in zip(BUCKETS_S, self.e2e_counts, strict=True):
@@ -105,6 +129,10 @@ class Engine:
             lines.append(f"vllm:e2e_request_latency_seconds_count{{{labels}}} {count}")
             lines.append(f"vllm:e2e_request_latency_seconds_sum{{{labels}}} {self.e2e_sum_s}")
         return "\n".join(lines) + "\n"
+
+    def sleep_api(self) -> bool:
+        """vLLM serves /sleep, /wake_up, /is_sleeping only in dev mode with sleep mode on."""
+        return self.args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
 
     def drain_and_exit(self) -> None:
         """SIGTERM: refuse new work, let in-flight requests finish (bounded), then exit 0."""
@@ -133,11 +161,16 @@ def make_handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            sleep_api = engine.sleep_api()
             if self.path == "/health":
                 ok = time.monotonic() >= engine.ready_at
                 self._send(200 if ok else 503, "" if ok else '{"error": "starting"}')
+            elif self.path == "/is_sleeping" and sleep_api:
+                self._send(200, json.dumps({"is_sleeping": engine.sleep_level > 0}))
             elif self.path == "/metrics":
                 self._send(200, engine.metrics_text(), "text/plain; version=0.0.4")
+            elif self.path == "/version":
+                self._send(200, json.dumps({"version": version()}))
             elif self.path == "/v1/models":
                 model = {"id": engine.args.served_model_name, "object": "model",
                          "root": engine.args.model, "max_model_len": engine.args.max_model_len}
@@ -148,13 +181,22 @@ def make_handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
-            if self.path == "/fake/pin":
+            url = urlsplit(self.path)
+            if url.path in ("/sleep", "/wake_up") and engine.sleep_api():
+                level = parse_qs(url.query).get("level", ["1"])[0]
+                if url.path == "/sleep" and level not in ("1", "2"):
+                    self._send(400, '{"error": "level must be 1 or 2"}')
+                    return
+                with engine.lock:
+                    engine.sleep_level = int(level) if url.path == "/sleep" else 0
+                self._send(200, "")
+            elif self.path == "/fake/pin":
                 with engine.lock:
                     engine.pinned = (int(body["running"]), int(body["waiting"]))
                 self._send(200, "{}")
             elif self.path == "/v1/completions":
-                if engine.draining:
-                    self._send(503, '{"error": "shutting down"}')
+                if engine.draining or engine.sleep_level:
+                    self._send(503, '{"error": "shutting down or sleeping"}')
                 elif body.get("model") != engine.args.served_model_name:
                     self._send(404, '{"error": "unknown model"}')
                 else:
@@ -168,7 +210,7 @@ def make_handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fake-vllm")
+    p = argparse.ArgumentParser(prog="fake-vllm", description=f"fake vLLM {version()}")
     p.add_argument("--model", required=True)
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -179,13 +221,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--shutdown-timeout", type=float, default=0.0)
+    if version_tuple(version()) >= SHUTDOWN_TIMEOUT_SINCE:
+        p.add_argument("--shutdown-timeout", type=float, default=0.0)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enable-sleep-mode", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    args.shutdown_timeout = getattr(args, "shutdown_timeout", 0.0)  # older: abort in-flight
     engine = Engine(args)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(engine))
     server.daemon_threads = True
@@ -201,8 +246,9 @@ def main(argv: list[str]) -> None:
     if exit_after:
         threading.Timer(float(exit_after), lambda: os._exit(3)).start()
     print(f"fake-vllm: serving {args.served_model_name} on {args.host}:{args.port} "
-          f"max_num_seqs={args.max_num_seqs} CUDA_VISIBLE_DEVICES="
-          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}", flush=True)
+          f"max_num_seqs={args.max_num_seqs} version={version()} CUDA_VISIBLE_DEVICES="
+          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')} CUDA_DEVICE_ORDER="
+          f"{os.environ.get('CUDA_DEVICE_ORDER', '')}", flush=True)
     server.serve_forever()
 
 

@@ -1,5 +1,6 @@
-"""Agent lifecycle as real processes: sd_notify, SIGTERM restore, kill -9 + journal, refusals to
-start (bad config, corrupt journal, NVML missing)."""
+"""Agent lifecycle as real processes: sd_notify, SIGTERM keeps the GPUs' settings (a restart
+re-applies them; only `--release` hands the node back), kill -9 + journal, refusals to start
+(bad config, corrupt journal, NVML missing, state dir in use)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def gpu(agent: AgentProcess, index: int) -> pb.Gpu:
     return agent.stub().GetNode(pb.GetNodeRequest(), timeout=5).gpus[index]
 
 
-def test_sd_notify_and_sigterm_restores_defaults(
+def test_sd_notify_and_sigterm_keeps_settings_until_release(
     tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
     sock, name = notify_socket
@@ -66,12 +67,23 @@ def test_sd_notify_and_sigterm_restores_defaults(
 
     assert agent.stop(signal.SIGTERM) == 0, agent.log_text()
     receive_until(sock, "STOPPING=1")
+    assert journal(agent.state_dir)["requested"] == requested  # a stop undoes nothing
+    assert "restored gpu" not in agent.log_text()
+
+    # The next agent (a fresh sim: the "driver" forgot) starts with the caps in force.
+    again = start_agent(agent.state_dir, sim_gpus=4)
+    assert gpu(again, 0).power_limit_w == 350
+    assert (gpu(again, 1).clock_lock.min_mhz, gpu(again, 1).clock_lock.max_mhz) == (900, 1200)
+    assert [m.profile for m in gpu(again, 2).mig_instances] == ["7g.80gb"]
+    assert again.stop() == 0, again.log_text()
+
+    result = run_agent(*SIM_ARGS, "--sim-gpus", "4", "--state-dir", str(agent.state_dir),
+                       "--release")
+    assert result.returncode == 0, result.stderr
     saved = journal(agent.state_dir)
-    assert saved["requested"] == {}  # everything undone
+    assert saved["requested"] == {}  # everything undone at the hand-back
     assert {d["power_limit_w"] for d in saved["defaults"].values()} == {700}
-    restored = [
-        json.loads(line) for line in agent.log_text().splitlines() if "restored gpu" in line
-    ]
+    restored = [json.loads(line) for line in result.stderr.splitlines() if "restored gpu" in line]
     assert sorted(r["gpu"] for r in restored) == [0, 1, 2, 3]
 
 
@@ -88,8 +100,10 @@ def test_journal_survives_kill_9_and_is_reapplied(tmp_path: Path) -> None:
     lock = gpu(second, 1).clock_lock
     assert (lock.min_mhz, lock.max_mhz) == (900, 1100)
     assert journal(state)["defaults"] == defaults_before  # first-start defaults kept
+    requested = journal(state)["requested"]
     assert second.stop() == 0
-    assert journal(state)["requested"] == {}
+    assert journal(state)["requested"] == requested  # still in force for the next agent
+    assert requested["0"]["power_limit_w"] == 350
 
 
 def test_corrupt_journal_refuses_to_start(tmp_path: Path) -> None:
@@ -100,6 +114,9 @@ def test_corrupt_journal_refuses_to_start(tmp_path: Path) -> None:
     assert agent.proc.wait(20) != 0
     assert f"journal {state / 'journal.json'} is corrupt" in agent.log_text()
     assert (state / "journal.json").read_text() == "{not json"  # not silently reset
+
+
+SIM_ARGS = ("--backend", "sim", "--listen", "127.0.0.1:0", "--metrics-listen", "")
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess[str]:

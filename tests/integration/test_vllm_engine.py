@@ -21,6 +21,7 @@ import psutil
 import pytest
 import yaml
 
+from nodeagent.engines.command import FlagProbe, default_launcher
 from shapeshifter.api.v1 import agent_pb2 as pb
 from tests.conftest import AgentProcess, poll, start_agent
 from tests.fakes.engine_harness import get_json, post_json
@@ -152,6 +153,9 @@ def h(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 def test_ready_and_completion(h: Harness) -> None:
     inst = h.first_ready  # type: ignore[attr-defined]
     assert inst.routable and inst.ready_at_unix_s > inst.started_at_unix_s
+    # Optional flags follow what this vLLM's --help lists (the build CI installs has it).
+    listed = FlagProbe().flags(default_launcher(os.environ["SHAPESHIFTER_VLLM_PYTHON"]))
+    assert listed is not None and "--shutdown-timeout" in listed
     assert "--shutdown-timeout" in inst.command
     assert psutil.Process(inst.pid).environ()["CUDA_VISIBLE_DEVICES"] == "0"
     reply = complete(inst.spec.port, 8)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from nodeagent.engines.types import EngineLoad
@@ -68,3 +70,18 @@ def test_more_load_more_fan_power() -> None:
 def test_empty_node() -> None:
     nb = node_budget([], [], "")
     assert nb.gpu_power_w == 0 and isinstance(nb.totals, Budget)
+
+
+def test_unreported_utilization_is_left_out_of_the_average() -> None:
+    mig = replace(telemetry(), utilization_gpu_pct=-1.0)  # NVML on a MIG-enabled GPU
+    budgets = [gpu_budget(t, THRESHOLDS) for t in (telemetry(), mig)]
+    assert node_budget(budgets, [700, 700], "h100-80gb").totals.utilization_pct == 50.0
+    only_mig = [gpu_budget(mig, THRESHOLDS)]
+    assert node_budget(only_mig, [700], "h100-80gb").totals.utilization_pct == -1.0
+
+
+def test_an_external_power_cap_shrinks_the_budget() -> None:
+    capped = replace(telemetry(power_w=250, limit_w=700), enforced_power_limit_w=300.0)
+    b = gpu_budget(capped, THRESHOLDS)
+    assert (b.power_limit_w, b.power_headroom_w) == (300.0, 50.0)
+    assert gpu_budget(telemetry(limit_w=700), THRESHOLDS).power_limit_w == 700

@@ -149,3 +149,26 @@ def test_bad_coordinator_replicas_name_the_field(
 def test_same_address_in_both_fields_is_accepted() -> None:
     tree = {"coordinator": {"address": "127.0.0.1:1", "addresses": ["127.0.0.1:1"]}}
     assert AgentConfig.model_validate(tree).coordinator.effective_addresses == ("127.0.0.1:1",)
+
+
+def test_engine_host_and_user_defaults_and_overrides() -> None:
+    cfg = load_config([], environ={})
+    assert (cfg.engines.host, cfg.engines.engine_user) == ("127.0.0.1", None)
+    for host in ("0.0.0.0", "10.2.3.4", "::", "fd00::1", "gpu-node-7.example.org"):
+        env = {"SHAPESHIFTER_NODEAGENT_ENGINES__HOST": host,
+               "SHAPESHIFTER_NODEAGENT_ENGINES__ENGINE_USER": "vllm"}
+        cfg = load_config([], environ=env)
+        assert (cfg.engines.host, cfg.engines.engine_user) == (host, "vllm")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("HOST", "10.0.0.1:8000", "engines.host='10.0.0.1:8000': expected an IP address"),
+    ("HOST", "", "engines.host='': expected an IP address"),
+    ("HOST", "bad_host!", "engines.host='bad_host!'"),
+    ("ENGINE_USER", "Root User", "engines.engine_user='Root User': expected a user name"),
+    ("ENGINE_USER", "root", "engines.engine_user='root': must be an unprivileged user"),
+])  # fmt: skip
+def test_bad_engine_host_or_user_names_the_field(key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([], environ={f"SHAPESHIFTER_NODEAGENT_ENGINES__{key}": value})
+    assert message in str(info.value)

@@ -61,9 +61,12 @@ def test_valid_specs_pass(model: Path) -> None:
     ({"devices": ("0", "1", "2"), "tensor_parallel_size": 4}, "tensor_parallel_size", "(3)"),
     ({"devices": ("0", MIG_A), "tensor_parallel_size": 2}, "devices", "mixes"),
     ({"devices": ("2",)}, "devices", "GPU 2 is in MIG mode"),
+    ({"devices": (MIG_A, MIG_B), "tensor_parallel_size": 2}, "devices",
+     "2 MIG devices; an instance may use at most one"),
     ({"extra_args": ("--port", "9")}, "extra_args", "--port is not allowed"),
     ({"extra_args": ("--trust-remote-code",)}, "extra_args", "not allowed; allowed:"),
     ({"env": {"CUDA_VISIBLE_DEVICES": "3"}}, "env", "set from devices"),
+    ({"env": {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}}, "env", "PCI_BUS_ID"),
     ({"env": {"BAD-NAME": "1"}}, "env", "not a valid variable name"),
 ])  # fmt: skip
 def test_bad_field_is_named(model: Path, kw: dict, field: str, text: str) -> None:

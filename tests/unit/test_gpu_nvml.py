@@ -8,13 +8,17 @@ import pytest
 from nodeagent.device.backend import GpuBackend
 from nodeagent.device.nvml import NvmlBackend, throttle_reason_names
 from shapeshifter.common.errors import (
+    DeviceTimeout,
     FailedPrecondition,
+    GpuLost,
+    InsufficientResources,
     Internal,
     InUse,
     InvalidArgument,
     NotFound,
     NotSupported,
     PermissionDenied,
+    ResetRequired,
     Unavailable,
 )
 from tests.fakes.fake_pynvml import FakeNvml
@@ -141,8 +145,9 @@ def test_no_permission_maps_to_permission_denied() -> None:
 def test_lost_gpu_maps_to_unavailable() -> None:
     b, fake = make()
     fake.lose_gpu(5)
-    with pytest.raises(Unavailable, match="GPU is lost"):
+    with pytest.raises(GpuLost, match="GPU is lost") as e:
         b.telemetry(5)
+    assert isinstance(e.value, Unavailable) and "nvidia-smi -r" in str(e.value)
     assert b.telemetry(4).index == 4
 
 
@@ -150,9 +155,12 @@ def test_lost_gpu_maps_to_unavailable() -> None:
     (pynvml.NVML_ERROR_NOT_SUPPORTED, NotSupported),
     (pynvml.NVML_ERROR_NO_PERMISSION, PermissionDenied),
     (pynvml.NVML_ERROR_INVALID_ARGUMENT, InvalidArgument),
-    (pynvml.NVML_ERROR_GPU_IS_LOST, Unavailable),
+    (pynvml.NVML_ERROR_GPU_IS_LOST, GpuLost),
     (pynvml.NVML_ERROR_IN_USE, InUse),
-    (pynvml.NVML_ERROR_TIMEOUT, Internal),
+    (pynvml.NVML_ERROR_RESET_REQUIRED, ResetRequired),
+    (pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES, InsufficientResources),
+    (pynvml.NVML_ERROR_NOT_FOUND, NotFound),
+    (pynvml.NVML_ERROR_TIMEOUT, DeviceTimeout),
     (pynvml.NVML_ERROR_UNKNOWN, Internal),
 ])
 def test_each_nvml_error_maps_once(code: int, domain: type) -> None:
@@ -166,6 +174,41 @@ def test_each_nvml_error_maps_once(code: int, domain: type) -> None:
         b.reset_gpu_clocks(0)
     assert type(e.value) is domain
     assert f"NVML error {code}" in str(e.value) and "reset locked clocks" in str(e.value)
+
+
+def test_reset_required_xid_is_sticky_and_informational_xids_are_not_unhealthy() -> None:
+    b, fake = make()
+    fake.inject_xid(2, 79)
+    fake.inject_xid(2, 13)  # a later application fault must not clear it
+    h = b.telemetry(2).health
+    assert (h.last_xid, h.reset_required_xid, h.healthy) == (13, 79, False)
+    for xid in (63, 92, 94):
+        fake.inject_xid(4, xid)
+        h4 = b.telemetry(4).health
+        assert h4.last_xid == xid and h4.healthy and h4.reset_required_xid == 0
+    b.gpu_was_reset(2)
+    assert b.telemetry(2).health.healthy
+
+
+def test_xid_of_a_lost_gpu_does_not_break_the_others() -> None:
+    b, fake = make()
+    fake.inject_xid(3, 79)
+    fake.lose_gpu(3)  # its UUID can no longer be read when the event is drained
+    h = b.telemetry(0).health
+    assert h.healthy
+    with pytest.raises(GpuLost):
+        b.telemetry(3)
+    assert b._xid.state(3) == (79, 79)
+
+
+def test_enforced_power_limit_shows_an_external_cap() -> None:
+    b, fake = make()
+    t = b.telemetry(0)
+    assert t.enforced_power_limit_w == pytest.approx(400.0)
+    fake.gpus[0].external_cap_mw, fake.gpus[0].demand_mw = 250_000, 390_000
+    t = b.telemetry(0)
+    assert (t.power_limit_w, t.enforced_power_limit_w) == (400.0, 250.0)
+    assert t.effective_power_limit_w == 250.0 and t.power_draw_w == 250.0
 
 
 def test_xid_events_and_ecc_make_a_gpu_unhealthy() -> None:
@@ -182,7 +225,7 @@ def test_xid_events_and_ecc_make_a_gpu_unhealthy() -> None:
 
 
 def test_mig_profiles_known_before_enable_and_read_from_nvml_after() -> None:
-    b, _ = make("a100-80gb")
+    b, _ = make("h100-80gb")
     before = {p.name for p in b.mig_profiles(0)}
     assert {"1g.10gb", "3g.40gb", "7g.80gb"} <= before
     b.set_mig_mode(0, True)
@@ -192,7 +235,7 @@ def test_mig_profiles_known_before_enable_and_read_from_nvml_after() -> None:
 
 
 def test_mig_layout_round_trip() -> None:
-    b, fake = make("a100-80gb")
+    b, fake = make("h100-80gb")
     with pytest.raises(FailedPrecondition, match="disabled"):
         b.apply_mig_layout(0, ["3g.40gb"])
     b.set_mig_mode(0, True)
@@ -212,7 +255,7 @@ def test_mig_layout_round_trip() -> None:
 
 
 def test_mig_layout_refusals_change_nothing() -> None:
-    b, fake = make("a100-80gb")
+    b, fake = make("h100-80gb")
     b.set_mig_mode(0, True)
     b.apply_mig_layout(0, ["4g.40gb"])
     writes = list(fake.calls)
@@ -230,11 +273,106 @@ def test_mig_layout_refusals_change_nothing() -> None:
     assert [i.profile for i in b.mig_state(0).instances] == ["4g.40gb"]
 
 
-def test_mig_mode_pending_until_reset() -> None:
-    b, _ = make("h100-80gb", mig_needs_reset=True)
-    b.set_mig_mode(2, True)
+def test_a100_mig_mode_stays_pending_until_reset_and_says_so() -> None:
+    b, fake = make("a100-80gb")
+    with pytest.raises(ResetRequired, match=r"pending.*nvidia-smi -r -i 2") as e:
+        b.set_mig_mode(2, True)
+    assert isinstance(e.value, FailedPrecondition) and e.value.field == "index"
     state = b.mig_state(2)
     assert (state.enabled, state.pending_enabled) == (False, True)
+    # The layout is refused with the reason, not "MIG is disabled" forever.
+    with pytest.raises(ResetRequired, match="pending a GPU reset"):
+        b.apply_mig_layout(2, ["3g.40gb"])
+    with pytest.raises(ResetRequired):  # asking again never claims success
+        b.set_mig_mode(2, True)
+    fake.reset_gpu(2)
+    b.gpu_was_reset(2)
+    b.set_mig_mode(2, True)  # active now: nothing to do
+    assert [i.profile for i in b.apply_mig_layout(2, ["3g.40gb"])] == ["3g.40gb"]
+
+
+def test_h100_mig_mode_applies_at_once() -> None:
+    b, fake = make("h100-80gb")
+    b.set_mig_mode(1, True)
+    assert b.mig_state(1).enabled and fake.calls == ["nvmlDeviceSetMigMode"]
+
+
+def test_mig_placement_is_passed_by_pointer() -> None:
+    fake = FakeNvml("h100-80gb")
+    b = NvmlBackend(nvml=fake)
+    b.set_mig_mode(0, True)
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    by_value = pynvml.c_nvmlGpuInstancePlacement_t(0, 8)
+    with pytest.raises(TypeError, match="pointer"):  # what pynvml would hand the C function
+        fake.nvmlDeviceCreateGpuInstanceWithPlacement(h, 0, by_value)
+    assert [i.placement_start for i in b.apply_mig_layout(0, ["3g.40gb", "3g.40gb"])] == [0, 4]
+
+
+def test_mig_capability_comes_from_nvml() -> None:
+    b, _ = make("h100-80gb", mig_supported=False)
+    assert b.mig_profiles(0) == []
+    with pytest.raises(NotSupported, match="does not support MIG"):
+        b.set_mig_mode(0, True)
+
+
+@pytest.mark.parametrize(("name", "gpu_type", "profile"), [
+    ("NVIDIA H100 PCIe", "", "3g.40gb"),
+    ("NVIDIA A100 80GB PCIe", "a100-80gb", "3g.40gb"),
+])
+def test_pcie_boards_keep_mig(name: str, gpu_type: str, profile: str) -> None:
+    b, _ = make("h100-80gb" if "H100" in name else "a100-80gb", name=name)
+    d = b.devices()[0]
+    assert (d.name, d.gpu_type) == (name, gpu_type)
+    assert profile in {p.name for p in b.mig_profiles(0)}
+
+
+def test_compute_pids_cover_the_gpu_and_each_mig_instance() -> None:
+    b, fake = make("h100-80gb")
+    b.set_mig_mode(0, True)
+    insts = b.apply_mig_layout(0, ["3g.40gb", "3g.40gb"])
+    fake.root = False  # unprivileged: the GPU's own list has no MIG processes
+    g = fake.gpus[0]
+    g.mig_pids[(insts[1].gpu_instance_id, insts[1].compute_instance_id)] = [501, 502]
+    assert b.compute_pids(0) == frozenset({501, 502})
+    assert b.telemetry(0).process_pids == (501, 502)
+    assert b.compute_pids(1) == frozenset()
+    real = fake.nvmlDeviceGetComputeRunningProcesses
+
+    def refused_on_parent(handle):  # some drivers refuse the aggregate to unprivileged callers
+        if handle is g or handle is fake.gpus[1]:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+        return real(handle)
+
+    fake.nvmlDeviceGetComputeRunningProcesses = refused_on_parent
+    assert b.compute_pids(0) == frozenset({501, 502})
+    with pytest.raises(PermissionDenied):  # no MIG instances to ask instead: the error stands
+        b.compute_pids(1)
+    fake.nvmlDeviceGetComputeRunningProcesses = real
+    fake.root = True
+    with pytest.raises(InUse, match="501, 502"):
+        b.apply_mig_layout(0, ["7g.80gb"])
+    assert len(b.mig_state(0).instances) == 2
+
+
+def test_mig_inventory_is_cached_until_a_change() -> None:
+    b, fake = make("h100-80gb")
+    b.set_mig_mode(0, True)
+    b.apply_mig_layout(0, ["2g.20gb"])
+    counted: list[int] = []
+    real = fake.nvmlDeviceGetMigDeviceHandleByIndex
+
+    def counting(handle, slot):
+        counted.append(slot)
+        return real(handle, slot)
+
+    fake.nvmlDeviceGetMigDeviceHandleByIndex = counting
+    first = b.mig_state(0)
+    for _ in range(5):
+        assert b.mig_state(0) == first
+        b.telemetry(0)
+    assert counted == []  # enumerated when the layout was applied, not on every read
+    b.apply_mig_layout(0, ["7g.80gb"])
+    assert [i.profile for i in b.mig_state(0).instances] == ["7g.80gb"] and counted
 
 
 def test_close_shuts_nvml_down() -> None:
@@ -243,22 +381,24 @@ def test_close_shuts_nvml_down() -> None:
     assert not fake.initialized
 
 
-def test_partial_mig_failure_is_reported_with_what_was_created() -> None:
-    b, fake = make("a100-80gb")
+def test_half_applied_layout_is_rolled_back() -> None:
+    b, fake = make("h100-80gb")
     b.set_mig_mode(0, True)
+    b.apply_mig_layout(0, ["7g.80gb"])
     real_create = fake.nvmlGpuInstanceCreateComputeInstance
     created: list[object] = []
 
-    def create_once(gi, profile_id):
-        if created:
+    def create_twice(gi, profile_id):
+        if len(created) == 2:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
         created.append(real_create(gi, profile_id))
         return created[-1]
 
-    fake.nvmlGpuInstanceCreateComputeInstance = create_once
-    with pytest.raises(Internal, match="created 1 of 3 instances"):
+    fake.nvmlGpuInstanceCreateComputeInstance = create_twice
+    with pytest.raises(InsufficientResources,
+                       match="instance 3 of 3 failed; the 2 created by this call were destroyed"):
         b.apply_mig_layout(0, ["3g.40gb", "2g.20gb", "1g.10gb"])
-    assert [i.profile for i in b.mig_state(0).instances] == ["3g.40gb"]
+    assert b.mig_state(0).instances == () and fake.gpus[0].gis == {}  # no half layout left
 
 
 def test_set_mig_mode_is_idempotent_even_with_processes() -> None:

@@ -10,14 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from coordinator.emergency import controller as emergency
+from coordinator.emergency.phase2 import clock_lock_actions
+from coordinator.policy.capping import phase2
 from coordinator.rebalance.snapshot import capped_gpus
 from shapeshifter.api.v1 import agent_pb2
-from simulator import snapshot as snap
+from simulator.control import snapshot as snap
+from simulator.control.policies import make_policy
 from simulator.engine import Engine
-from simulator.policies import make_policy
-from simulator.scenario import Scenario
-from simulator.trace import default_trace_path, load_trace
+from simulator.inputs.scenario import Scenario
+from simulator.inputs.trace import default_trace_path, load_trace
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,14 @@ def test_simulator_and_live_controller_lock_the_same_clocks(capped_engine: Engin
     view = e._view(e.scenario.duration_s)
     caps = e.gpus.power_limit_w
     sim_locks, _, _ = snap.phase2_arrays(
-        emergency.phase2.plan_phase2(snap.phase2_gpus(view, caps, e.activity)), view)
+        phase2.plan_phase2(snap.phase2_gpus(view, caps, e.activity)), view)
     n_per = e.cluster.gpus_per_server
     live_locks = np.full(e.cluster.n_gpus, np.nan)
     for server in range(e.cluster.n_servers):
         rec = live_record(e, server, e.workload.decode_share)
         node_caps = {i: float(caps[server * n_per + i]) for i in range(n_per)
                      if caps[server * n_per + i] < e.cluster.gpu.power.max_w}
-        for action in emergency._clock_lock_actions(rec, node_caps):
+        for action in clock_lock_actions(rec, node_caps):
             live_locks[server * n_per + action.lock_clocks.gpu_index] = action.lock_clocks.max_mhz
     assert np.isfinite(sim_locks).sum() > 4
     np.testing.assert_array_equal(sim_locks, live_locks)
@@ -76,7 +77,7 @@ def test_simulator_and_live_agree_on_what_the_capped_endpoints_lost(capped_engin
     e = capped_engine
     view = e._view(e.scenario.duration_s)
     caps = e.gpus.power_limit_w
-    sim_plan = emergency.phase2.plan_phase2(snap.phase2_gpus(view, caps, e.activity))
+    sim_plan = phase2.plan_phase2(snap.phase2_gpus(view, caps, e.activity))
     n_per = e.cluster.gpus_per_server
     live_gpus = []
     for server in range(e.cluster.n_servers):
@@ -84,7 +85,7 @@ def test_simulator_and_live_agree_on_what_the_capped_endpoints_lost(capped_engin
                      if caps[server * n_per + i] < e.cluster.gpu.power.max_w}
         rec = live_record(e, server, e.workload.decode_share)
         live_gpus += capped_gpus(rec.node_id, rec.report, node_caps)
-    live_plan = emergency.phase2.plan_phase2(live_gpus)
+    live_plan = phase2.plan_phase2(live_gpus)
     assert sim_plan.lost_instances, "a capped SaaS GPU lost capacity"
     assert live_plan.lost_instances.keys() == sim_plan.lost_instances.keys()
     for name, lost in sim_plan.lost_instances.items():

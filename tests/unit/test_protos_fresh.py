@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # protoc stamps its own version into the header; a different grpcio-tools patch release must not
 # make the check fail when the descriptors themselves are identical.
 _VERSION_LINES = re.compile(
-    r"^(# Protobuf Python Version:.*|\s*\d+,\s*$|.*_runtime_version\..*)$", re.M
+    r"^(# Protobuf Python Version:.*|\s*\d+,\s*$|.*_runtime_version\..*"
+    r"|GRPC_GENERATED_VERSION = .*)$", re.M
 )
 
 

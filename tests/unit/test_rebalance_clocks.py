@@ -25,7 +25,8 @@ from coordinator.policy.model import (
     Stage,
 )
 from coordinator.profiles.schema import ProfileRow, QueryClass
-from coordinator.rebalance.loop import Rebalancer, RebalanceSettings, _effect_shown, diff_lines
+from coordinator.rebalance.effects import effect_shown
+from coordinator.rebalance.loop import Rebalancer, RebalanceSettings, diff_lines
 from coordinator.rebalance.snapshot import EndpointDecl
 from coordinator.rpc.rebalance import plan_pb
 from coordinator.session import AgentSession
@@ -191,7 +192,7 @@ def test_a_proposed_plan_carries_the_lock_to_the_agent(tmp_path: Path) -> None:
     assert 0 < mhz < MAX_MHZ and a["config"] == f"SM clock locked at <= {mhz} MHz"
     assert doc["state"] == "proposed" and "clocks: 1 GPU(s) locked" in doc["reason"]
 
-    pb = r._agent_action(rec, a)
+    pb = r.executor.agent_action(rec, a)
     assert pb.WhichOneof("kind") == "lock_clocks"
     assert (pb.lock_clocks.gpu_index, pb.lock_clocks.max_mhz) == (0, mhz)
     assert pb.lock_clocks.min_mhz == GPU_MODELS[H100].sm_min_clock_mhz
@@ -205,7 +206,7 @@ def test_a_reset_converts_to_reset_clocks(tmp_path: Path) -> None:
     rec.report.gpus[0].clock_lock.CopyFrom(agent_pb2.ClockLock(min_mhz=345, max_mhz=1200))
     (a,) = r.propose("test", "test")["stages"][0]["actions"]
     assert (a["kind"], a["sm_clock_mhz"], a["config"]) == ("reset_clocks", 0, "SM clock unlocked")
-    pb = r._agent_action(rec, a)
+    pb = r.executor.agent_action(rec, a)
     assert pb.WhichOneof("kind") == "reset_clocks" and pb.reset_clocks.gpu_index == 0
 
 
@@ -232,4 +233,4 @@ def test_clock_actions_are_verified_from_the_reported_lock(
         kind: str, mhz: int, lock: tuple[int, int] | None, shown: bool) -> None:
     rec = SimpleNamespace(report=_report(lock))
     action = {"kind": kind, "gpu_indices": [0], "sm_clock_mhz": mhz, "instance_id": "tiny-a"}
-    assert _effect_shown(rec, action) is shown
+    assert effect_shown(rec, action) is shown

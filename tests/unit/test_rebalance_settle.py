@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.rebalance.loop import _effect_shown
+from coordinator.rebalance.effects import effect_shown
 from shapeshifter.api.v1 import agent_pb2 as pb
 
 
@@ -31,20 +31,20 @@ def _action(kind: str, **kw: Any) -> dict[str, Any]:
     ("STARTING", True), ("READY", True), ("FAILED", False), ("STOPPED", False), ("", False)])
 def test_start_counts_as_done_only_when_the_instance_runs(state: str, shown: bool) -> None:
     rec = _rec(("a", state)) if state else _rec()
-    assert _effect_shown(rec, _action("start_instance")) is shown
+    assert effect_shown(rec, _action("start_instance")) is shown
 
 
 @pytest.mark.parametrize(("state", "shown"), [
     ("READY", False), ("DRAINING", False), ("STOPPED", True), ("", True)])
 def test_stop_counts_as_done_only_when_the_instance_is_gone(state: str, shown: bool) -> None:
     rec = _rec(("a", state)) if state else _rec()
-    assert _effect_shown(rec, _action("stop_instance")) is shown
+    assert effect_shown(rec, _action("stop_instance")) is shown
 
 
 def test_mig_actions_compare_the_reported_gpu() -> None:
-    assert _effect_shown(_rec(mig_pending=True), _action("set_mig_mode"))
-    assert not _effect_shown(_rec(mig_pending=False), _action("set_mig_mode"))
+    assert effect_shown(_rec(mig_pending=True), _action("set_mig_mode"))
+    assert not effect_shown(_rec(mig_pending=False), _action("set_mig_mode"))
     layout = _action("apply_mig_layout", mig_profiles=["3g.40gb", "4g.40gb"])
-    assert _effect_shown(_rec(mig_profiles=("4g.40gb", "3g.40gb")), layout)
-    assert not _effect_shown(_rec(mig_profiles=("7g.80gb",)), layout)
-    assert not _effect_shown(SimpleNamespace(report=None), layout)  # no report: not shown
+    assert effect_shown(_rec(mig_profiles=("4g.40gb", "3g.40gb")), layout)
+    assert not effect_shown(_rec(mig_profiles=("7g.80gb",)), layout)
+    assert not effect_shown(SimpleNamespace(report=None), layout)  # no report: not shown

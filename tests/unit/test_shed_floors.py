@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from coordinator.emergency import controller as emergency
+from coordinator.emergency.scope import OPAQUE_SAMPLE_S, OpaquePerf
 from coordinator.policy.capping.shed import (
     IAAS,
     OPAQUE_DECODE_FRAC,
@@ -133,13 +133,13 @@ def _opaque_record(clock_mhz: int) -> SimpleNamespace:
 
 
 def test_live_controller_measures_opaque_performance_for_the_deep_weight() -> None:
-    perf = emergency._OpaquePerf()
+    perf = OpaquePerf()
     assert perf.deep_weight() == 1.0  # nothing measured yet: shared
     perf.sample([_opaque_record(1410)], 0.0)
     assert perf.deep_weight() == 0.0  # at full clock: the opaque GPUs go first
     perf.sample([_opaque_record(600)], 1.0)  # within the sampling interval: ignored
     assert perf.samples == 1
     for k in range(1, 4):
-        perf.sample([_opaque_record(600)], k * emergency.OPAQUE_SAMPLE_S)
+        perf.sample([_opaque_record(600)], k * OPAQUE_SAMPLE_S)
     assert perf.total / perf.samples < OPAQUE_MIN_REL_PERF
     assert perf.deep_weight() == 1.0  # below the contract's floor: shared again

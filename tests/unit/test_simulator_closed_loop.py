@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-import simulator.control as control
+import simulator.control.shaping as control
 from coordinator.policy import configure
 from coordinator.policy.model import (
     ClusterSnapshot,
@@ -20,11 +20,11 @@ from coordinator.policy.model import (
 from coordinator.profiles.schema import QueryClass
 from coordinator.profiles.store import default_rows
 from shapeshifter.hw.models import GPU_MODELS
+from simulator.control.observe import Observation
+from simulator.control.policies import make_policy
 from simulator.engine import Engine
-from simulator.observe import Observation
-from simulator.policies import make_policy
-from simulator.scenario import parse_scenario
-from simulator.trace import load_trace
+from simulator.inputs.scenario import parse_scenario
+from simulator.inputs.trace import load_trace
 
 SAMPLE = (Path(__file__).resolve().parents[2]
           / "simulator/data/AzureLLMInferenceTrace_conv_sample.csv")

@@ -10,11 +10,11 @@ from nodeagent.device.sim import SimulatedBackend
 from shapeshifter.common.clock import ManualClock
 from shapeshifter.common.errors import InvalidArgument
 from shapeshifter.hw.models import gpu_model
+from simulator.control.policies import make_policy, water_fill_cap_w
 from simulator.engine import Engine, simulate
-from simulator.gpus import GpuArrays
-from simulator.policies import make_policy, water_fill_cap_w
-from simulator.scenario import Scenario, parse_scenario, with_overrides
-from simulator.trace import default_trace_path, load_trace
+from simulator.inputs.scenario import Scenario, parse_scenario, with_overrides
+from simulator.inputs.trace import default_trace_path, load_trace
+from simulator.model.gpus import GpuArrays
 
 SMALL = {"name": "small", "duration_s": 120, "cluster": {"servers": 8, "rows": 2, "aisles": 2},
          "workload": {"endpoints": 2}, "opaque": {"tenants": 2, "period_s": 60}}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator.control import MAX_SCALE_IN_FRAC
+from simulator.control.policies import make_policy
+from simulator.control.shaping import MAX_SCALE_IN_FRAC
 from simulator.engine import Engine
-from simulator.policies import make_policy
-from simulator.scenario import Scenario
-from simulator.trace import default_trace_path, load_trace
+from simulator.inputs.scenario import Scenario
+from simulator.inputs.trace import default_trace_path, load_trace
 
 FAILURE_AT_S, FAILURE_S = 360.0, 240.0
 

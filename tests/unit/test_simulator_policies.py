@@ -8,9 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import simulator.policies as policies
-from simulator.engine import Engine
-from simulator.policies import (
+import simulator.control.policies as policies
+from simulator.control.policies import (
     coordinator_caps,
     coordinator_weights,
     make_policy,
@@ -18,9 +17,10 @@ from simulator.policies import (
     policy_sources,
     rebalanced_plan,
 )
-from simulator.scenario import Scenario
-from simulator.state import READY, View
-from simulator.trace import default_trace_path, load_trace
+from simulator.engine import Engine
+from simulator.inputs.scenario import Scenario
+from simulator.inputs.trace import default_trace_path, load_trace
+from simulator.model.state import READY, View
 
 SMALL = {"name": "small", "duration_s": 60, "cluster": {"servers": 8, "rows": 2, "aisles": 2},
          "workload": {"endpoints": 2}, "opaque": {"tenants": 2, "period_s": 60}}

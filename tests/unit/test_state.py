@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.state import NodeView, liveness, rollup, summarize
+from coordinator.state import NodeView, liveness, node_load, rollup, scope_sums, summarize
 from shapeshifter.api.v1 import agent_pb2
+from shapeshifter.hw.models import GPU_MODELS
 from shapeshifter.topology import Liveness, Placement, parse_topology
 
 TOPOLOGY = """\
@@ -100,3 +101,28 @@ def test_summary_of_a_node() -> None:
     assert (s.name, s.state, s.power_draw_w, s.max_gpu_temp_c, s.gpus) == (
         "n1", "suspect", 1234.0, 55.5, 2)
     assert (s.gpu_power_limit_w, s.safety_state, s.last_seen_age_s) == (1400.0, "leased", 2.5)
+
+
+def test_scope_sums_match_the_rollup_and_keep_sites_apart() -> None:
+    """What detection reads equals the full rollup's row draw and aisle airflow, a row name
+    shared by two sites is not summed together, and a GPU within the headroom of its
+    slowdown temperature (reported, else its model's) makes its node hot."""
+    topo = parse_topology(TOPOLOGY)
+    views = [view("n1", "r1", "k1", "a1", node("n1", 900.0, [60.0], 100.0)),
+             view("n2", "r1", "k2", "a2", node("n2", 700.0, [70.0], 250.0)),
+             view("n3", "r2", "k3", "a2", node("n3", 400.0, [50.0], 50.0))]
+    full = rollup(topo, views)
+    hot = agent_pb2.Gpu(index=0, gpu_type="h100-80gb", temperature_c=86.0)
+    far = Placement("s2", "r1", "k9", "a1")
+    loads = [(v.placement, node_load(v.report)) for v in views]
+    loads.append((far, node_load(agent_pb2.Node(
+        gpus=[hot], budget=agent_pb2.NodeBudget(node_power_w=5000.0)))))
+    sums = scope_sums(loads, hot_headroom_c=3.0)
+    assert {k[1]: w for k, w in sums.row_power_w.items() if k[0] == "s1"} == {
+        r.name: r.power_draw_w for r in full.rows}
+    assert {k[1]: f for k, f in sums.aisle_airflow_cfm.items() if k[0] == "s1"} == {
+        a.name: a.airflow_cfm for a in full.aisles}
+    assert sums.row_power_w[("s2", "r1")] == 5000.0
+    assert sums.aisle_hot_nodes == {("s1", "a1"): 0, ("s1", "a2"): 0, ("s2", "a1"): 1}
+    margin_c = GPU_MODELS["h100-80gb"].thermal.slowdown_c - 86.0
+    assert node_load(agent_pb2.Node(gpus=[hot])).slowdown_margin_c == pytest.approx(margin_c)

@@ -17,8 +17,8 @@ import pytest
 from coordinator.profiles.classes import class_shares, read_azure_trace
 from shapectl.cli import main
 from shapeshifter.common.errors import InvalidArgument
-from simulator import synth
-from simulator.trace import load_trace
+from simulator.inputs import synth
+from simulator.inputs.trace import load_trace
 
 AZURE_CONV = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure-llm-2023" / \
     "AzureLLMInferenceTrace_conv.csv"

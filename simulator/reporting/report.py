@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from simulator.metrics import Metrics
+from simulator.reporting.metrics import Metrics
 
 SUMMARY_KEYS = ("peak_row_power_w", "max_gpu_temp_c", "capped_time_frac", "slo_attainment",
                 "energy_j_per_token", "gpus_used", "reconfigurations")

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from shapeshifter.hw import physics
-from simulator.cluster import Cluster
-from simulator.scenario import Scenario
-from simulator.service import Completed
-
-if TYPE_CHECKING:
-    from simulator.engine import Engine
+from simulator.inputs.scenario import Scenario
+from simulator.model.cluster import Cluster
+from simulator.model.plant import Plant
+from simulator.model.service import Completed
+from simulator.model.state import Fleet
 
 LATENCY_BINS_S = np.logspace(-2, 3.5, 1101)  # 10 ms .. ~53 min, 0.5% apart
 OPAQUE_DECODE_FRAC = 0.5  # opaque work is neither decode nor prefill: half-memory-bound
@@ -79,38 +78,39 @@ class Metrics:
     def count_dropped(self, endpoints: np.ndarray) -> None:
         self.dropped += len(endpoints)
 
-    def record_step(self, k: int, t_s: float, eng: Engine) -> None:
-        g, c = eng.gpus, self.cluster
+    def record_step(self, k: int, plant: Plant, fleet: Fleet, opaque: np.ndarray,
+                    in_flight: int) -> None:
+        g, c = plant.gpus, self.cluster
         dt = self.step_s
-        self.row_power_w[k] = eng.row_power_w
-        self.row_limit_w[k] = eng.row_limit_w
-        self.aisle_cfm[k] = eng.aisle_cfm
-        self.aisle_limit_cfm[k] = eng.aisle_limit_cfm
+        self.row_power_w[k] = plant.row_power_w
+        self.row_limit_w[k] = plant.row_limit_w
+        self.aisle_cfm[k] = plant.aisle_cfm
+        self.aisle_limit_cfm[k] = plant.aisle_limit_cfm
         self.max_temp_c[k] = g.temperature_c.max()
         # Caps, Phase 2 clock locks and thermal throttling all count as capping in force.
         constrained = ((g.power_limit_w < c.gpu.power.max_w) | g.thermal_throttled
-                       | eng.phase2_locked)
-        self.row_constrained[k] = np.bincount(eng.gpu_row[constrained],
+                       | plant.phase2_locked)
+        self.row_constrained[k] = np.bincount(plant.gpu_row[constrained],
                                               minlength=c.n_rows) > 0
         self.completed_by_step[k], self.within_by_step[k] = self._step_completed, self._step_within
         self._step_completed = self._step_within = 0
-        hosting = eng.fleet.hosting()
+        hosting = fleet.hosting()
         self.gpus_hosting[k] = int(hosting.sum())
-        self.in_flight[k] = len(eng.pool)
+        self.in_flight[k] = in_flight
         self.llm_energy_j += float(g.power_w[hosting].sum()) * dt
-        self.cluster_power_w[k] = float(eng.server_power_w.sum())
+        self.cluster_power_w[k] = float(plant.server_power_w.sum())
         self.cluster_energy_j += float(self.cluster_power_w[k]) * dt
-        busy = eng.opaque & (eng.activity >= physics.IDLE_ACTIVITY)
+        busy = opaque & (plant.activity >= physics.IDLE_ACTIVITY)
         if busy.any():
             rel = physics.relative_throughput(g.clock_mhz[busy], c.gpu.sm_max_clock_mhz,
                                               OPAQUE_DECODE_FRAC)
             self.opaque_rel_sum += float(rel.sum())
             self.opaque_rel_n += int(busy.sum())
 
-    def finish(self, eng: Engine) -> None:
-        self.in_flight_end = len(eng.pool)
-        self.gpus_static = int(eng.static_count.sum())
-        self.gpu_energy_j_end = float(eng.gpus.energy_j.sum())
+    def finish(self, plant: Plant, in_flight: int, static_count: np.ndarray) -> None:
+        self.in_flight_end = in_flight
+        self.gpus_static = int(static_count.sum())
+        self.gpu_energy_j_end = float(plant.gpus.energy_j.sum())
 
     # ---------------- results ----------------
 

@@ -14,7 +14,7 @@ import numpy as np
 from shapeshifter.hw.models import GpuModel, gpu_model
 from shapeshifter.hw.server_model import ServerModel, server_model_for
 from shapeshifter.topology import Aisle, Rack, Row, Site, Topology
-from simulator.scenario import ClusterSpec
+from simulator.inputs.scenario import ClusterSpec
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Baseline: contiguous first-fit placement, round-robin routing, static allocation
 peak with every instance at fp16 and max clock, uniform caps on overload or emergency.
 
 Components, each the coordinator's own pure function where one exists (coordinator.policy),
-called through the adapters in simulator/snapshot.py:
+called through the adapters in simulator/control/snapshot.py:
   place      coordinator.policy.placement.place, once per server at layout (opaque tenants'
              and endpoints' servers arrive interleaved; each goes to the best-ranked node);
   route      coordinator.policy.routing.routing_weights per endpoint, every routing interval;
@@ -28,7 +28,7 @@ called through the adapters in simulator/snapshot.py:
              the row and thermal ceilings (coordinator.policy.shaping); without the
              rebalancer the count stays static and the variant is fp8 where allowed;
   closed loop (route, config, rebalance): forecast + correction (coordinator.policy.capacity)
-             in simulator/control.py; a rebalance is also asked for within one routing
+             in simulator/control/shaping.py; a rebalance is also asked for within one routing
              interval when queues build.
 `policy_sources` names the implementation of every decision in summary.json.
 """
@@ -46,10 +46,10 @@ from coordinator.policy.model import ClusterSnapshot, InstanceState, RebalanceCo
 from coordinator.policy.placement import PlaceRequest, place
 from coordinator.policy.rebalance import rebalance
 from coordinator.policy.routing import routing_weights
-from simulator import snapshot as snap
-from simulator.control import ShapingLoop
-from simulator.observe import Observation
-from simulator.state import READY, STARTING, View
+from simulator.control import snapshot as snap
+from simulator.control.observe import Observation
+from simulator.control.shaping import ShapingLoop
+from simulator.model.state import READY, STARTING, View
 
 SHED_MARGIN = 0.03  # caps aim this far below the limit
 # Rebalance settings (RebalanceConfig): no headroom of its own (the closed loop's provision
@@ -201,7 +201,8 @@ def rebalance_config(view: View, initial: bool) -> RebalanceConfig:
     saas_gpus = int((~view.opaque).sum())
     moves = max(MIN_MOVES_PER_ROUND, round(MOVES_PER_ROUND_FRAC * saas_gpus))
     # Hysteresis: the closed loop only lets an endpoint shrink after a clean late window
-    # (simulator/control.py), so the rebalancer's own brake is short: four rebalance intervals.
+    # (simulator/control/shaping.py), so the rebalancer's own brake is short: four rebalance
+    # intervals.
     # Caps enforce the limits here (the engine sheds on every report), so an endpoint that
     # cannot be covered within them still gets its instances (Phase 2, place_over_limits).
     return RebalanceConfig(headroom_frac=0.0,
@@ -421,7 +422,7 @@ def policy_sources(name: str) -> dict[str, str]:
     return {
         "place": "coordinator.policy.placement.place (server roles); new instances' GPUs: "
                  + ("coordinator.policy.rebalance.rebalance (packing)" if c.rebalance
-                    else "stand-in (simulator.policies.ComposedPolicy.pick_gpus)")
+                    else "stand-in (simulator.control.policies.ComposedPolicy.pick_gpus)")
         if c.place else "baseline",
         "route": ("coordinator.policy.routing.routing_weights x coordinator.policy.shaping "
                   "(row and thermal)") if c.route else "baseline",

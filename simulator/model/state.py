@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.profiles.schema import ProfileRow, QueryClass
-from simulator.cluster import Cluster
-from simulator.service import ServiceParams
+from simulator.model.cluster import Cluster
+from simulator.model.service import ServiceParams
 
 NONE, STARTING, READY, DRAINING = 0, 1, 2, 3
 

@@ -28,7 +28,7 @@ from coordinator.policy.model import (
 from coordinator.policy.packing.ledger import node_power_w, shape_of
 from coordinator.profiles.classes import class_tokens
 from coordinator.profiles.schema import QueryClass
-from simulator.state import NONE, READY, STARTING, View, Workload
+from simulator.model.state import NONE, READY, STARTING, View, Workload
 
 STOPPING_ENDPOINT = "(stopping)"  # instances being replaced: pinned, not the endpoint's capacity
 FP8 = "fp8"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.service import Completed
+from simulator.model.service import Completed
 
 HISTORY_S = 600.0  # arrivals kept for the forecast
 

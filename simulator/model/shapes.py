@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.scenario import OpaqueSpec
+from simulator.inputs.scenario import OpaqueSpec
 
 BURST_SHARPNESS = 4  # power of the positive half-wave: larger -> shorter, taller bursts
 GPU_JITTER = 0.05  # per-GPU constant spread around the tenant's shape (OpaqueSpec's default)

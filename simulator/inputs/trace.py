@@ -61,4 +61,4 @@ def load_trace(path: str | Path) -> Trace:
 
 def default_trace_path() -> Path:
     """The sample shipped with the package (simulator/data, see its README for attribution)."""
-    return Path(__file__).parent / "data" / "AzureLLMInferenceTrace_conv_sample.csv"
+    return Path(__file__).parents[1] / "data" / "AzureLLMInferenceTrace_conv_sample.csv"

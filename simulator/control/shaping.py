@@ -23,8 +23,8 @@ import numpy as np
 from coordinator.policy import capacity, configure, shaping
 from coordinator.policy.capping import shed as shed_policy
 from shapeshifter.hw import physics
-from simulator.observe import Observation
-from simulator.state import READY, STARTING, View
+from simulator.control.observe import Observation
+from simulator.model.state import READY, STARTING, View
 
 COUNT_WINDOW_S = 600.0  # arrivals the count forecast fits (rises are counted over all of it)
 LEVEL_WINDOW_S = 75.0  # the recent arrivals its level averages

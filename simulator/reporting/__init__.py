@@ -1,0 +1,1 @@
+"""What a run measures (metrics) and the files it writes (report)."""
