@@ -42,10 +42,13 @@ class Prearming:
         due = now_mono_s >= self._next_mono_s
         if due:
             self._next_mono_s = now_mono_s + self._s.prearm_interval_s
-        for row in {r.placement.row for r in self._core.registry.records() if r.placement}:
+        placed = [r for r in self._core.registry.records() if r.placement]
+        # Between due passes only rows with a fresh session need a plan: one pass over the
+        # records finds them (this runs every tick).
+        rows = {r.placement.row for r in placed if due or self._fresh(r)}  # type: ignore[union-attr]
+        for row in rows:
             nodes = self._scopes.nodes("row", row)
-            fresh = [r for r in nodes if r.session is not None and not r.session.closed
-                     and self._sessions.get(r.node_id) is not r.session]
+            fresh = [r for r in nodes if self._fresh(r)]
             targets = nodes if due else fresh
             if not targets:
                 continue
@@ -56,6 +59,11 @@ class Prearming:
                 self._send(rec, armed.by_node.get(rec.node_id, {}))
             for rec in fresh:
                 self._on_connected(rec)
+
+    def _fresh(self, rec: NodeRecord) -> bool:
+        """Connected on a session this node was not pre-armed on yet."""
+        return (rec.session is not None and not rec.session.closed
+                and self._sessions.get(rec.node_id) is not rec.session)
 
     def _send(self, rec: NodeRecord, levels: dict[float, dict[int, float]]) -> None:
         session = rec.session

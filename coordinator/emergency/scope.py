@@ -36,7 +36,7 @@ class Scopes:
                 if r.placement is not None and getattr(r.placement, scope) == name]
 
     def snapshot(self, nodes: Iterable[NodeRecord]) -> policy.ShedSnapshot:
-        gpus: list[policy.GpuState] = []
+        gpus: list[policy.SheddableGpu] = []
         other_w = 0.0
         for rec in nodes:
             node = rec.report
@@ -123,7 +123,7 @@ class Scopes:
         return power_w * min(1.0, limit_cfm / cfm) if cfm > 0 else power_w
 
 
-def gpu_states(node_id: str, node: agent_pb2.Node) -> list[policy.GpuState]:
+def gpu_states(node_id: str, node: agent_pb2.Node) -> list[policy.SheddableGpu]:
     """A node's GPUs as the shedding policy sees them: draw, limits, class, floor."""
     by_gpu = instances_by_gpu(node)
     out = []
@@ -132,7 +132,7 @@ def gpu_states(node_id: str, node: agent_pb2.Node) -> list[policy.GpuState]:
         cls = max((i.spec.priority_class or policy.SAAS for i in insts),
                   key=policy.PRIORITY_CLASSES.index, default=policy.BEST_EFFORT)
         cls = cls if cls in policy.PRIORITY_CLASSES else policy.SAAS
-        out.append(policy.GpuState(
+        out.append(policy.SheddableGpu(
             node_id, g.index, g.power_draw_w, g.power_limit_min_w, g.power_limit_max_w,
             cls, decode_frac(insts), tuple(i.spec.instance_id for i in insts),
             node.labels.get("row", ""), node.labels.get("aisle", ""),

@@ -39,7 +39,7 @@ from shapeshifter.common import errors
 PREP_KINDS = ("set_mig_mode", "apply_mig_layout")
 
 
-class PlanExecutor:
+class StagedPlanRunner:
     """decl: an endpoint's declaration by name (NotFound when it is not declared)."""
 
     def __init__(self, core: CoordinatorCore, journal: PlanJournal, settings: RebalanceSettings,

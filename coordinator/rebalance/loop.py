@@ -36,7 +36,7 @@ from coordinator.policy.routing import RouteWeight
 from coordinator.profiles.schema import ProfileRow
 from coordinator.rebalance.cluster import ClusterView
 from coordinator.rebalance.endpoints import Endpoints
-from coordinator.rebalance.executor import PlanExecutor
+from coordinator.rebalance.executor import StagedPlanRunner
 from coordinator.rebalance.journal import PlanJournal
 from coordinator.rebalance.plandoc import diff_lines, plan_doc
 from coordinator.rebalance.settings import (
@@ -60,7 +60,7 @@ OPEN_STATES = ("proposed", "paused")
 
 class Rebalancer:
     """The rebalance API and loop. It delegates to Endpoints (declarations and demand),
-    ClusterView (snapshot, limits, placement, routes) and PlanExecutor (`executor`: running
+    ClusterView (snapshot, limits, placement, routes) and StagedPlanRunner (`executor`: running
     and resuming plans)."""
 
     def __init__(self, core: CoordinatorCore, store: PlanStoreLike, profiles: list[ProfileRow],
@@ -74,7 +74,7 @@ class Rebalancer:
         self._journal = PlanJournal(core, store)
         self._endpoints = Endpoints(store, self._journal, core.clock, settings.demand_smoothing_s)
         self._cluster = ClusterView(core, self._endpoints, cuts or tuple)
-        self.executor = PlanExecutor(core, self._journal, settings, self._endpoints.get)
+        self.executor = StagedPlanRunner(core, self._journal, settings, self._endpoints.get)
         self._last_run_unix_s = 0.0
         self._last_plan_id = ""
         self._log = structlog.get_logger().bind(component="rebalancer")
@@ -185,7 +185,7 @@ class Rebalancer:
                 self._log.exception("rebalance_round_failed")
 
     async def resume_interrupted(self) -> None:
-        """Resume a plan that a previous coordinator left applying (PlanExecutor)."""
+        """Resume a plan that a previous coordinator left applying (StagedPlanRunner)."""
         await self.executor.resume_interrupted()
 
     def sample(self) -> None:

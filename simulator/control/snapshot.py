@@ -201,7 +201,7 @@ def shed_snapshot(view: View, gpus: np.ndarray, draw_w: np.ndarray,
     for g, d, fl in zip(gpus.tolist(), draw_w.tolist(), floors.tolist(), strict=True):
         cls = (shed_policy.IAAS if view.opaque[g] else
                shed_policy.SAAS if hosting[g] else shed_policy.BEST_EFFORT)
-        out.append(shed_policy.GpuState(
+        out.append(shed_policy.SheddableGpu(
             node_id=node_id(g // n_per), gpu_index=g % n_per, power_draw_w=d,
             power_limit_min_w=p.min_w, power_limit_max_w=p.max_w, priority_class=cls,
             decode_frac=decode, row=f"row{view.gpu_row[g]}", aisle=f"aisle{view.gpu_aisle[g]}",

@@ -15,7 +15,7 @@ from coordinator.policy.capping.shed import (
     OPAQUE_DECODE_FRAC,
     OPAQUE_MIN_REL_PERF,
     SAAS,
-    GpuState,
+    SheddableGpu,
     ShedSnapshot,
     clock_frac_for_rel,
     deep_weight_for,
@@ -30,8 +30,8 @@ from shapeshifter.hw import physics
 
 
 def gpu(node: str, cls: str, draw_w: float, floor_w: float, decode_frac: float = 0.9
-        ) -> GpuState:
-    return GpuState(node, 0, draw_w, 100.0, 400.0, cls, decode_frac, floor_w=floor_w)
+        ) -> SheddableGpu:
+    return SheddableGpu(node, 0, draw_w, 100.0, 400.0, cls, decode_frac, floor_w=floor_w)
 
 
 def caps(plan) -> dict[str, float]:

@@ -9,7 +9,7 @@ from coordinator.policy.capping.shed import (
     IAAS,
     SAAS,
     ClockPoint,
-    GpuState,
+    SheddableGpu,
     ShedSnapshot,
     level_for,
     locked_clock_mhz,
@@ -21,8 +21,8 @@ from shapeshifter.hw import physics
 
 
 def gpu(node: str, index: int, cls: str, draw_w: float = 600.0, decode_frac: float = 0.5,
-        instances: tuple[str, ...] = ()) -> GpuState:
-    return GpuState(node, index, draw_w, 200.0, 700.0, cls, decode_frac, instances)
+        instances: tuple[str, ...] = ()) -> SheddableGpu:
+    return SheddableGpu(node, index, draw_w, 200.0, 700.0, cls, decode_frac, instances)
 
 
 def mixed() -> ShedSnapshot:

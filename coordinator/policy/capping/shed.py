@@ -56,7 +56,7 @@ SLACK_HEADROOM = 1.1  # a SaaS GPU's floor keeps 10% over its batch (bursts with
 
 
 @dataclass(frozen=True)
-class GpuState:
+class SheddableGpu:
     node_id: str
     gpu_index: int
     power_draw_w: float
@@ -72,7 +72,7 @@ class GpuState:
 
 @dataclass(frozen=True)
 class ShedSnapshot:
-    gpus: tuple[GpuState, ...]
+    gpus: tuple[SheddableGpu, ...]
     other_power_w: float = 0.0  # hosts' idle and fan draw in the scope (not cappable here)
 
     @property
@@ -117,7 +117,7 @@ class ShedPlan:
         return out
 
 
-def free_tier(g: GpuState) -> int:
+def free_tier(g: SheddableGpu) -> int:
     """The tier of the GPU's range above its floor (of all of it when it has none)."""
     if g.priority_class == IAAS:
         return 3
@@ -127,7 +127,7 @@ def free_tier(g: GpuState) -> int:
     return 0
 
 
-def segments(g: GpuState, saas_deep_weight: float = 1.0) -> list[tuple[int, float]]:
+def segments(g: SheddableGpu, saas_deep_weight: float = 1.0) -> list[tuple[int, float]]:
     """(tier, watts it can give there) for the GPU's range above and below its floor."""
     lo, hi = g.power_limit_min_w, g.power_draw_w
     if hi <= lo:
@@ -152,7 +152,7 @@ def deep_weight_for(opaque_rel_perf: float | None, floor: float = OPAQUE_MIN_REL
     return min(1.0, max(0.0, (floor + band - opaque_rel_perf) / band))
 
 
-def reducible_w(g: GpuState) -> float:
+def reducible_w(g: SheddableGpu) -> float:
     return max(0.0, g.power_draw_w - g.power_limit_min_w)
 
 
@@ -183,7 +183,7 @@ def shed(snapshot: ShedSnapshot, limit_w: float, margin_frac: float = 0.05,
     return ShedPlan(limit_w, target_w, draw_w, draw_w - cut_w, tuple(caps), shortfall_w, stops)
 
 
-def _tiers(gpus: Sequence[GpuState], saas_deep_weight: float
+def _tiers(gpus: Sequence[SheddableGpu], saas_deep_weight: float
            ) -> list[tuple[int, list[tuple[int, float]]]]:
     """Per tier (ascending): (GPU position in `gpus`, watts it can give in that tier)."""
     by_tier: dict[int, list[tuple[int, float]]] = {}
@@ -193,7 +193,7 @@ def _tiers(gpus: Sequence[GpuState], saas_deep_weight: float
     return sorted(by_tier.items())
 
 
-def _cap(g: GpuState, cut_w: float, tier_name: str) -> GpuCap:
+def _cap(g: SheddableGpu, cut_w: float, tier_name: str) -> GpuCap:
     cap_w = max(g.power_limit_min_w, g.power_draw_w - cut_w)
     at_min = " (at its minimum limit)" if math.isclose(cap_w, g.power_limit_min_w) else ""
     return GpuCap(g.node_id, g.gpu_index, cap_w, g.power_draw_w - cap_w,
@@ -249,7 +249,7 @@ def saas_floor_w(draw_w: float, idle_w: float, load_frac: float, decode_frac: fl
     return floor_draw_w(draw_w, idle_w, clock_frac_now, clock)
 
 
-def _escalation(gpus: Iterable[GpuState]) -> tuple[InstanceStop, ...]:
+def _escalation(gpus: Iterable[SheddableGpu]) -> tuple[InstanceStop, ...]:
     frees: dict[tuple[str, str], float] = {}
     for g in gpus:
         if g.priority_class != BEST_EFFORT:
