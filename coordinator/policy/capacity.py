@@ -89,6 +89,9 @@ class CapacityObservation:
     queued_frac: float  # share of them with any request waiting for a batch slot
     late_frac: float | None  # share of completed requests over the SLO; None = none completed
     profile_capacity_rps: float  # one instance, from the profile, at the clock it ran at
+    # Whether the lateness is significantly over the budget (`late_over_budget`); None: the
+    # late share above the budget is taken as over.
+    over_budget: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,9 @@ def update_correction(state: CorrectionState, obs: CapacityObservation,
         loaded = (obs.queued_frac >= config.queued_quorum
                   or utilization >= config.busy_utilization)
         covered = obs.arrival_rps <= f * profiled_rps
-        if obs.late_frac > config.late_budget and loaded and covered:
+        over = (obs.late_frac > config.late_budget if obs.over_budget is None
+                else obs.over_budget)
+        if over and loaded and covered:
             if hold == 0:
                 f *= config.decrease
                 hold = config.hold_intervals
@@ -167,3 +172,41 @@ def scale_out_rps(provision_rps: float, arrival_rps: float) -> float:
     arriving now when it is higher (the forecast's level averages over a window the burst has
     only just entered)."""
     return max(provision_rps, arrival_rps)
+
+
+def late_over_budget(late: int, served: int, budget: float, alarm_share: float) -> bool:
+    """Whether one interval's late completions are evidence of lateness over the budget: more
+    than the count a Poisson number with mean budget x served exceeds with probability at most
+    `alarm_share`. A controller stepping up on this and down otherwise, with steps in the ratio
+    (1 - alarm_share) : alarm_share, settles where the late share is the budget whatever the
+    endpoint's rate (a plain `late > budget x served` test fires on a single late request at
+    low rates, and so holds small endpoints far inside the budget)."""
+    if not 0.0 < alarm_share < 1.0:
+        raise out_of_range("alarm_share", alarm_share, 0.0, 1.0)
+    if late <= 0:
+        return False
+    mean = budget * max(served, 0)
+    pmf = cdf = math.exp(-mean)
+    k = 0
+    while 1.0 - cdf > alarm_share and k < late:
+        k += 1
+        pmf *= mean / k
+        cdf += pmf
+    return late > k
+
+
+def validated_min_count(count: int, max_shed: int, util_now: float, util_ok: float) -> int:
+    """The fewest instances a scale-in may leave: at most max_shed fewer than count, and no
+    fewer than would run the busiest recent load (util_now: its share of the current
+    instances' corrected capacity) at a utilization already seen within the SLO budget
+    (util_ok). A fleet then shrinks only as far as the load per instance it has been seen to
+    serve, plus the probe the caller allows, and learns further by serving it; a capacity the
+    profile overstates is met before the fleet is cut down to it. No such interval: keep
+    every instance."""
+    for name, value in (("count", count), ("max_shed", max_shed)):
+        if value < 0:
+            raise out_of_range(name, value, 0, math.inf)
+    if util_ok <= 0 or not math.isfinite(util_now):
+        return count
+    need = math.ceil(count * max(util_now, 0.0) / util_ok - 1e-9)
+    return min(count, max(count - max_shed, need))

@@ -210,14 +210,17 @@ def rebalance_config(view: View, initial: bool) -> RebalanceConfig:
                            allow_mig=False, hysteresis_s=HYSTERESIS_S, place_over_limits=True)
 
 
-def rebalanced_plan(view: View, provision_rps: np.ndarray) -> InstancePlan:
+def rebalanced_plan(view: View, provision_rps: np.ndarray,
+                    min_counts: np.ndarray | None = None) -> InstancePlan:
     """coordinator.policy.rebalance.rebalance on the simulator's snapshot, each endpoint's
-    demand being the closed loop's provision; clocks are left to the clock controller."""
+    demand being the closed loop's provision and its min_instances the loop's min_counts;
+    clocks are left to the clock controller."""
     w, f = view.workload, view.fleet
     saas_gpus = int((~view.opaque).sum())
     initial = not f.hosting().any()
     sized = replace(view, demand_rps=provision_rps)
-    snapshot = snap.cluster_snapshot(sized, max_instances=saas_gpus, stopping_pinned=True)
+    snapshot = snap.cluster_snapshot(sized, max_instances=saas_gpus, stopping_pinned=True,
+                                     min_counts=min_counts)
     plan = rebalance(snapshot, w.profiles, snap.limits_of(view), rebalance_config(view, initial))
     actions = snap.plan_arrays(plan, view.cluster.gpus_per_server)
     count, fp8 = _after_plan(view, actions)
@@ -334,12 +337,16 @@ class ComposedPolicy:
         if c.rebalance:
             # Before anything was observed the loop takes over the fleet as deployed (the
             # static one): no variability or correction is known yet to shrink it by.
-            provision = (self.loop.provision_rps(view, view.workload.count_lead_s, grow_only)
-                         if self.loop is not None
-                         else static_count * view.workload.instance_rps * 0.999)
+            if self.loop is not None:
+                provision = self.loop.provision_rps(view, view.workload.count_lead_s, grow_only)
+                keep = self.loop.min_counts(view, grow_only)
+            else:
+                provision = static_count * view.workload.instance_rps * 0.999
+                keep = np.zeros(view.workload.n_endpoints, np.int64)
             if self.phase2_lost is not None:  # Phase 2: what the caps took, asked elsewhere
                 provision = with_lost(provision, self.phase2_lost, view)
-            return rebalanced_plan(view, provision)
+                keep = keep + np.ceil(self.phase2_lost).astype(keep.dtype)
+            return rebalanced_plan(view, provision, keep)
         if not c.config:
             return static_plan(static_count)
         # config without the rebalancer: the count stays static, fp8 where the floor allows.

@@ -30,13 +30,18 @@ COUNT_WINDOW_S = 600.0  # arrivals the count forecast fits (rises are counted ov
 LEVEL_WINDOW_S = 75.0  # the recent arrivals its level averages
 CLOCK_WINDOW_S = 60.0  # arrivals the clock forecast fits
 LATE_WINDOW_S = 60.0  # lateness is judged over this many seconds of completions
-SATURATED_SCALE_OUT = 0.25
+SATURATED_SCALE_OUT = 0.25  # this share of an endpoint's instances saturated: scale out now
+# Scale in slowly (DynamoLLM): at most this share of an endpoint's instances per rebalance.
+MAX_SCALE_IN_FRAC = 0.1
 # Per endpoint clock floor, closed on measured lateness: a lower clock stretches every request
 # (prefill is compute-bound), which no instance count cures. Up fast on lateness, down slowly.
-# Scale in slowly (DynamoLLM): at most this share of an endpoint's capacity per rebalance.
-MAX_SCALE_IN_FRAC = 0.1
 FLOOR_UP_MHZ = 120.0
-FLOOR_DOWN_MHZ = 15.0  # this share of an endpoint's instances saturated: scale out now
+FLOOR_DOWN_MHZ = 15.0
+# An interval counts as late when its late count is improbable (this share) at the budget: with
+# steps in this ratio the floor settles where the late share is the budget, at any rate.
+
+
+ALARM_SHARE = FLOOR_DOWN_MHZ / (FLOOR_UP_MHZ + FLOOR_DOWN_MHZ)
 
 
 @dataclass
@@ -52,6 +57,9 @@ class ShapingLoop:
     obs: Observation | None = None
     saturated_frac: np.ndarray = field(default_factory=lambda: np.zeros(0))
     completions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    # Per routing interval of the late window: each endpoint's utilization (arrivals over its
+    # corrected capacity at the maximum clock), and whether the interval kept within budget.
+    utilization: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     clock_floor_mhz: np.ndarray = field(default_factory=lambda: np.zeros(0))
     # The opaque tenants' relative performance measured so far (sum, samples): the contract's
     # accounting period is the run.
@@ -75,6 +83,7 @@ class ShapingLoop:
         saturated = ready & (obs.running >= obs.max_concurrency) & (obs.waiting > 0)
         keep = max(1, round(LATE_WINDOW_S / obs.interval_s))
         self.completions = [*self.completions, (obs.served, obs.late)][-keep:]
+        self.utilization = [*self.utilization, self._interval_utilization(view, obs)][-keep:]
         served, late = self._window_totals()
         for e in range(self.n_endpoints):
             mine = ready & (view.fleet.endpoint == e)
@@ -87,7 +96,10 @@ class ShapingLoop:
                 saturated_frac=self.saturated_frac[e],
                 queued_frac=float((obs.waiting[mine] > 0).mean()) if n else 0.0,
                 late_frac=float(late[e] / served[e]) if served[e] else None,
-                profile_capacity_rps=per_inst)
+                profile_capacity_rps=per_inst,
+                over_budget=capacity.late_over_budget(
+                    int(late[e]), int(served[e]), self.correction_config.late_budget,
+                    ALARM_SHARE))
             self.corrections[e] = capacity.update_correction(self.corrections[e], o,
                                                              self.correction_config)
         self._update_clock_floor(view, obs)
@@ -116,13 +128,24 @@ class ShapingLoop:
         perf = self.opaque_perf_sum / self.opaque_perf_n if self.opaque_perf_n else None
         return shed_policy.deep_weight_for(perf)
 
+    def _capped_endpoints(self, view: View) -> np.ndarray:
+        """Per endpoint: a GPU of it drawing less than it would uncapped (a cap in force)."""
+        capped = view.gpu_uncapped_w > view.gpu_power_w + 1.0
+        hosting = view.fleet.hosting() & capped
+        return np.bincount(view.fleet.endpoint[hosting], minlength=self.n_endpoints) > 0
+
     def _update_clock_floor(self, view: View, obs: Observation) -> None:
         m = view.cluster.gpu
         top, low = float(m.sm_max_clock_mhz), self.configure_config.min_clock_frac * float(
             m.sm_max_clock_mhz)
         floor = np.minimum(self.clock_floor_mhz, top)
         budget = self.correction_config.late_budget
-        late = obs.late > budget * np.maximum(obs.served, 1)
+        # Significance settles the floor at the budget; while caps hold an endpoint's GPUs
+        # below their draw its slack is already spent, so any lateness over the budget counts.
+        capped = self._capped_endpoints(view)
+        late = np.array([x > budget * max(n, 1) if c
+                         else capacity.late_over_budget(int(x), int(n), budget, ALARM_SHARE)
+                         for x, n, c in zip(obs.late, obs.served, capped, strict=True)])
         floor = np.where(late, floor + FLOOR_UP_MHZ, floor - FLOOR_DOWN_MHZ)
         self.clock_floor_mhz = np.clip(floor, low, top)
 
@@ -138,11 +161,10 @@ class ShapingLoop:
 
     def provision_rps(self, view: View, lead_s: float, grow_only: bool = False
                       ) -> np.ndarray:
-        """Per endpoint, the rate (in profiled capacity at the maximum clock) to provision.
-        `grow_only` (a scale-out between rebalance intervals): no endpoint is sized below what
-        it has, so that plan only adds capacity. Scale-in needs evidence: an endpoint whose
-        last late window is not clean (or not yet full) keeps at least what it has, and a
-        clean one sheds at most MAX_SCALE_IN_FRAC of it per plan."""
+        """Per endpoint, the rate (in profiled capacity at the maximum clock) to provision:
+        the forecast over the correction. `grow_only` (a scale-out between rebalance
+        intervals): the rate arriving now when it is higher. What the endpoint already has is
+        held as a count (min_counts), not as a rate here."""
         out = np.zeros(self.n_endpoints)
         if self.obs is None:
             return view.demand_rps  # before the first observation (the caller adds headroom)
@@ -152,10 +174,51 @@ class ShapingLoop:
             if grow_only:
                 need = capacity.scale_out_rps(need, float(self.obs.arrival_rates_rps[-1, e]))
             out[e] = need / max(self.factor(e), 1e-6) / rel
-        have = self._live_capacity_rps(view)
-        hold = np.ones(self.n_endpoints, bool) if grow_only else ~self._clean()
-        return np.where(hold, np.maximum(out, have),
-                        np.maximum(out, have * (1.0 - MAX_SCALE_IN_FRAC)))
+        return out
+
+    def min_counts(self, view: View, grow_only: bool = False) -> np.ndarray:
+        """Per endpoint, the fewest instances the next plan may leave. Scale-in needs evidence:
+        an endpoint whose last late window is not clean (or not yet full), or any endpoint in
+        a scale-out, keeps every instance it has; a clean one sheds at most MAX_SCALE_IN_FRAC
+        of them per plan, and no more than runs its busiest recent load at the utilization
+        validated within budget plus that step (capacity.validated_min_count). A window late
+        beyond chance with the clock floor at the maximum grows it by that step: the clock
+        controller has nothing left to give. A count, because the rebalancer rates instances
+        from the profile (MSRR per query class) and the loop from the service model: holding
+        "the capacity we have" as a rate re-rated by the other side grew the fleet by a few
+        percent at every held plan."""
+        f = view.fleet
+        keep = ((f.state == READY) | (f.state == STARTING)) & ~np.isfinite(f.stop_at_s)
+        count = np.bincount(f.endpoint[keep], minlength=self.n_endpoints)
+        if self.obs is None or grow_only:
+            return count
+        out = count.copy()
+        late_at_max = self._late_at_max_clock(view)
+        out[late_at_max] += np.ceil(np.maximum(count[late_at_max], 1) * MAX_SCALE_IN_FRAC
+                                    ).astype(count.dtype)
+        util = np.array([u for u, _ in self.utilization])
+        util_now = util.max(axis=0)  # the busiest interval of the window
+        util_ok = np.where([c for _, c in self.utilization], util, 0.0).max(axis=0)
+        for e in np.flatnonzero(self._clean() & ~late_at_max):
+            # A probe: a plan may run the fleet a step (the scale-in share) above the
+            # utilization validated so far, and the next clean window validates that. The
+            # forecast's headroom stays on top through the rebalancer's sizing.
+            out[e] = capacity.validated_min_count(
+                int(count[e]), int(count[e] * MAX_SCALE_IN_FRAC), float(util_now[e]),
+                float(util_ok[e]) / (1 - MAX_SCALE_IN_FRAC))
+        return out
+
+    def _interval_utilization(self, view: View, obs: Observation
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Per endpoint: arrivals over the corrected capacity at the maximum clock, and
+        whether the interval's lateness was within the budget (not significantly over it)."""
+        have = self._live_capacity_rps(view) * np.array(
+            [self.factor(e) for e in range(self.n_endpoints)])
+        budget = self.correction_config.late_budget
+        clean = np.array([not capacity.late_over_budget(int(x), int(n), budget, ALARM_SHARE)
+                          for x, n in zip(obs.late, obs.served, strict=True)])
+        util = np.where(have > 0, obs.arrival_rates_rps[-1] / np.maximum(have, 1e-9), 0.0)
+        return util, clean
 
     def _clean(self) -> np.ndarray:
         """Per endpoint: a full late window with lateness within the budget."""
@@ -165,6 +228,20 @@ class ShapingLoop:
         served, late = self._window_totals()
         budget = self.correction_config.late_budget
         return late <= budget * np.maximum(served, 1)
+
+    def _late_at_max_clock(self, view: View) -> np.ndarray:
+        """Per endpoint: its clock floor at the maximum and the late window significantly over
+        the budget. The clock controller, the fast remedy, is spent; more instances are the
+        one left, whatever the correction still believes of their capacity."""
+        if self.obs is None or len(self.completions) * self.obs.interval_s < LATE_WINDOW_S:
+            return np.zeros(self.n_endpoints, bool)
+        served, late = self._window_totals()
+        top = self.clock_floor_mhz >= float(view.cluster.gpu.sm_max_clock_mhz)
+        over = np.array([capacity.late_over_budget(int(x), int(n),
+                                                   self.correction_config.late_budget,
+                                                   ALARM_SHARE)
+                         for x, n in zip(late, served, strict=True)])
+        return top & over
 
     def _window_totals(self) -> tuple[np.ndarray, np.ndarray]:
         """(completed, completed over the SLO) per endpoint over the late window."""

@@ -76,12 +76,17 @@ def sizing_slo_s(w: Workload) -> float:
     return min(slos)
 
 
-def endpoint_specs(w: Workload, max_instances: int) -> tuple[EndpointSpec, ...]:
+def endpoint_specs(w: Workload, max_instances: int, min_counts: np.ndarray | None = None
+                   ) -> tuple[EndpointSpec, ...]:
+    """min_counts: per endpoint, the fewest instances a plan may leave (default 1)."""
     slo_s = sizing_slo_s(w)
+    top = max(1, min(max_instances, 10_000))
+    low = [1 if min_counts is None else int(min(max(min_counts[e], 1), top))
+           for e in range(w.n_endpoints)]
     return tuple(EndpointSpec(
         name=endpoint_name(e), model=w.model, slo_p95_s=slo_s,
         allowed_quantizations=("none", FP8) if w.fp8_allowed[e] else ("none",),
-        min_instances=1, max_instances=max(1, min(max_instances, 10_000)))
+        min_instances=low[e], max_instances=top)
         for e in range(w.n_endpoints))
 
 
@@ -145,12 +150,13 @@ def _instances(view: View, stopping_pinned: bool) -> tuple[InstanceState, ...]:
     return tuple(out)
 
 
-def cluster_snapshot(view: View, max_instances: int, stopping_pinned: bool) -> ClusterSnapshot:
+def cluster_snapshot(view: View, max_instances: int, stopping_pinned: bool,
+                     min_counts: np.ndarray | None = None) -> ClusterSnapshot:
     """What the coordinator knows now. `stopping_pinned`: list instances that are draining or
     due to stop (rebalance needs their GPUs taken); routing leaves draining ones out."""
     w = view.workload
     return ClusterSnapshot(nodes=_nodes(view), instances=_instances(view, stopping_pinned),
-                           endpoints=endpoint_specs(w, max_instances),
+                           endpoints=endpoint_specs(w, max_instances, min_counts),
                            demand_rps=demand_by_class(w, view.demand_rps), now_s=view.t_s)
 
 

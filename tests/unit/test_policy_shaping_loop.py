@@ -129,6 +129,42 @@ def test_lateness_on_idle_instances_is_left_alone() -> None:
     assert s.factor == 1.0
 
 
+def test_lateness_not_significantly_over_the_budget_does_not_cut() -> None:
+    """At the budget's share a few late requests are chance, not a capacity error."""
+    o = _obs(late_frac=0.01, queued_frac=0.5)
+    chance = capacity.update_correction(capacity.CorrectionState(),
+                                        capacity.CapacityObservation(**{**o.__dict__,
+                                                                        "over_budget": False}))
+    assert chance.factor == 1.0
+    assert capacity.update_correction(capacity.CorrectionState(), o).factor < 1.0
+
+
+def test_late_over_budget_is_a_significance_test_at_any_rate() -> None:
+    alarm = 15 / 135
+    # 100 completions at a 0.5 % budget: one late request is chance (a plain share test
+    # fires on it), three are not.
+    assert not capacity.late_over_budget(1, 100, 0.005, alarm)
+    assert capacity.late_over_budget(3, 100, 0.005, alarm)
+    # 10,000 completions: 55 late (0.55 %) is chance around the budget's 50, 65 is not.
+    assert not capacity.late_over_budget(55, 10_000, 0.005, alarm)
+    assert capacity.late_over_budget(65, 10_000, 0.005, alarm)
+    assert not capacity.late_over_budget(0, 0, 0.005, alarm)
+    with pytest.raises(InvalidArgument, match="alarm_share"):
+        capacity.late_over_budget(1, 100, 0.005, 1.5)
+
+
+def test_scale_in_stops_at_the_utilization_seen_within_budget() -> None:
+    # Seen clean at 60 % of capacity, the busiest load now at 50 %: 100 -> 84 instances would
+    # run it at 60 %, but one plan sheds at most 10.
+    assert capacity.validated_min_count(100, 10, 0.5, 0.6) == 90
+    assert capacity.validated_min_count(100, 30, 0.5, 0.6) == 84
+    # The busiest interval was late (only lower ones clean): nothing to shed.
+    assert capacity.validated_min_count(100, 10, 0.7, 0.6) == 100
+    assert capacity.validated_min_count(100, 10, 0.5, 0.0) == 100  # nothing seen clean
+    with pytest.raises(InvalidArgument, match="max_shed"):
+        capacity.validated_min_count(100, -1, 0.5, 0.6)
+
+
 # ---------------- shaping ----------------
 
 def test_a_row_over_its_target_sheds_saas_load_to_a_row_with_headroom() -> None:
