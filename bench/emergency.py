@@ -33,6 +33,7 @@ import structlog
 import yaml
 
 from nodeagent.device.sim import SimulatedBackend
+from nodeagent.rpc.codec import plan_outcome_to_pb
 from nodeagent.safety.emergency import EmergencyGuard
 from shapeshifter.api.v1 import agent_pb2 as pb
 from shapeshifter.api.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -135,8 +136,11 @@ class VirtualNode:
                      asyncio.create_task(self._report(outbox, stop_at)),
                      asyncio.create_task(write_outbox(call, outbox))]
             await tasks[1]
+            reader = tasks[0]
             for t in tasks:
                 t.cancel()
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # a failed answer must not pass as a silent node
 
     async def _read(self, call: grpc.aio.StreamStreamCall,
                     outbox: asyncio.Queue[lpb.AgentMessage]) -> None:
@@ -149,9 +153,9 @@ class VirtualNode:
         """The node's answer to a coordinator message (None: nothing to answer)."""
         kind = msg.WhichOneof("kind")
         if kind == "emergency":
-            return self.guard.directive(msg.emergency)
+            return plan_outcome_to_pb(self.guard.directive(msg.emergency))
         if kind == "prearm":
-            return self.guard.prearm(msg.prearm)
+            return plan_outcome_to_pb(self.guard.prearm(msg.prearm))
         return None
 
     async def _report(self, outbox: asyncio.Queue[lpb.AgentMessage], stop_at: float) -> None:
