@@ -81,6 +81,7 @@ from launch import local_address, start_coordinator, stop_coordinators, wait_for
 GRACE_S = 3.0  # fallback_after_s (1 s) + a report interval + scheduling slack
 STALL_S = 1.0  # a tick gap this long means the process was stopped
 TICK_S = 0.2
+CONNECT_TIMEOUT_S = 10.0  # a Register unanswered this long is redialled
 HOST_GRACE_S = 10.0  # past stop_at, a host cancels what is still running and reports
 COLLECT_GRACE_S = 30.0  # past stop_at, the soak stops waiting for a host's report
 EXPECTED = {  # bad request -> the codes that refuse it correctly
@@ -116,7 +117,8 @@ class SoakNode(VirtualNode):
         await asyncio.sleep(rng.uniform(0, 2))
         while time.time() < stop_at:
             # A lost stream (an RPC error, or a write after it ended): fall back, redial.
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError,
+                                     TimeoutError):
                 await self._session(address, stop_at)
             self.guard.link_up(False)
             await asyncio.sleep(2.0 if self.partition.is_set() else rng.uniform(0.2, 1.0))
@@ -125,7 +127,10 @@ class SoakNode(VirtualNode):
     async def _session(self, address: str, stop_at: float) -> None:
         async with grpc.aio.insecure_channel(
                 address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call = await self.connect(channel)
+            # Bounded: a Register sent as the coordinator dies or stops may never be answered,
+            # and a session must not outlive the soak's deadline waiting for it.
+            call = await asyncio.wait_for(self.connect(channel),
+                                          max(1.0, min(CONNECT_TIMEOUT_S, stop_at - time.time())))
             self.guard.link_up(True)
             outbox: asyncio.Queue[lpb.AgentMessage] = asyncio.Queue()
             tasks = [asyncio.create_task(self._read(call, outbox)),
@@ -183,7 +188,11 @@ def host_process(host: int, address: str, indices: list[int], nodes: int, stop_a
 
     async def partitioner(vnodes: list[SoakNode]) -> None:
         while time.time() < stop_at:
-            await asyncio.sleep(rng.expovariate(1 / partition_every_s))
+            # Never asleep past the deadline: the host's shutdown waits for this task too.
+            await asyncio.sleep(min(rng.expovariate(1 / partition_every_s),
+                                    max(0.0, stop_at - time.time())))
+            if time.time() >= stop_at:
+                break
             victim = rng.choice(vnodes)
             if not victim.partition.is_set():
                 victim.partition.set()
@@ -411,7 +420,9 @@ def run(nodes: int, seconds: float, processes: int, fault_every_s: float, bad_rp
                 faults[kind] += 1
         stop.set()
         time.sleep(3.5)  # stopped hosts resume; answers in flight land
-        for e in clients.em.ListEmergencies(epb.ListEmergenciesRequest(), timeout=10).emergencies:
+        # The last fault may have been a kill: wait for the restarted coordinator to answer.
+        for e in clients.em.ListEmergencies(epb.ListEmergenciesRequest(), timeout=60,
+                                            wait_for_ready=True).emergencies:
             if e.state == "active" and e.source != "soak":
                 clients.bump("foreign_emergency")  # a refused request that declared one
         hosted = collect(results, len(hosts), stop_at + COLLECT_GRACE_S)
