@@ -39,8 +39,6 @@ FLOOR_UP_MHZ = 120.0
 FLOOR_DOWN_MHZ = 15.0
 # An interval counts as late when its late count is improbable (this share) at the budget: with
 # steps in this ratio the floor settles where the late share is the budget, at any rate.
-
-
 ALARM_SHARE = FLOOR_DOWN_MHZ / (FLOOR_UP_MHZ + FLOOR_DOWN_MHZ)
 
 
@@ -85,6 +83,7 @@ class ShapingLoop:
         self.completions = [*self.completions, (obs.served, obs.late)][-keep:]
         self.utilization = [*self.utilization, self._interval_utilization(view, obs)][-keep:]
         served, late = self._window_totals()
+        window_over = self._beyond_chance(late, served)
         for e in range(self.n_endpoints):
             mine = ready & (view.fleet.endpoint == e)
             n = int(mine.sum())
@@ -97,9 +96,7 @@ class ShapingLoop:
                 queued_frac=float((obs.waiting[mine] > 0).mean()) if n else 0.0,
                 late_frac=float(late[e] / served[e]) if served[e] else None,
                 profile_capacity_rps=per_inst,
-                over_budget=capacity.late_over_budget(
-                    int(late[e]), int(served[e]), self.correction_config.late_budget,
-                    ALARM_SHARE))
+                over_budget=bool(window_over[e]))
             self.corrections[e] = capacity.update_correction(self.corrections[e], o,
                                                              self.correction_config)
         self._update_clock_floor(view, obs)
@@ -143,9 +140,8 @@ class ShapingLoop:
         # Significance settles the floor at the budget; while caps hold an endpoint's GPUs
         # below their draw its slack is already spent, so any lateness over the budget counts.
         capped = self._capped_endpoints(view)
-        late = np.array([x > budget * max(n, 1) if c
-                         else capacity.late_over_budget(int(x), int(n), budget, ALARM_SHARE)
-                         for x, n, c in zip(obs.late, obs.served, capped, strict=True)])
+        late = np.where(capped, obs.late > budget * np.maximum(obs.served, 1),
+                        self._beyond_chance(obs.late, obs.served))
         floor = np.where(late, floor + FLOOR_UP_MHZ, floor - FLOOR_DOWN_MHZ)
         self.clock_floor_mhz = np.clip(floor, low, top)
 
@@ -214,9 +210,7 @@ class ShapingLoop:
         whether the interval's lateness was within the budget (not significantly over it)."""
         have = self._live_capacity_rps(view) * np.array(
             [self.factor(e) for e in range(self.n_endpoints)])
-        budget = self.correction_config.late_budget
-        clean = np.array([not capacity.late_over_budget(int(x), int(n), budget, ALARM_SHARE)
-                          for x, n in zip(obs.late, obs.served, strict=True)])
+        clean = ~self._beyond_chance(obs.late, obs.served)
         util = np.where(have > 0, obs.arrival_rates_rps[-1] / np.maximum(have, 1e-9), 0.0)
         return util, clean
 
@@ -237,11 +231,14 @@ class ShapingLoop:
             return np.zeros(self.n_endpoints, bool)
         served, late = self._window_totals()
         top = self.clock_floor_mhz >= float(view.cluster.gpu.sm_max_clock_mhz)
-        over = np.array([capacity.late_over_budget(int(x), int(n),
-                                                   self.correction_config.late_budget,
-                                                   ALARM_SHARE)
-                         for x, n in zip(late, served, strict=True)])
+        over = self._beyond_chance(late, served)
         return top & over
+
+    def _beyond_chance(self, late: np.ndarray, served: np.ndarray) -> np.ndarray:
+        """Per endpoint: capacity.late_over_budget of late out of served (ALARM_SHARE)."""
+        budget = self.correction_config.late_budget
+        return np.array([capacity.late_over_budget(int(x), int(n), budget, ALARM_SHARE)
+                         for x, n in zip(late, served, strict=True)], dtype=bool)
 
     def _window_totals(self) -> tuple[np.ndarray, np.ndarray]:
         """(completed, completed over the SLO) per endpoint over the late window."""
